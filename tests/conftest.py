@@ -1,0 +1,56 @@
+"""Tiny random-weight configs of real transformers classes, shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, Qwen3Config, SiglipVisionConfig
+
+import saisa  # noqa: F401  (registers the config with the Auto classes)
+from saisa import SaisaConfig, SaisaForConditionalGeneration
+
+VOCAB = 120
+IMAGE_TOKEN = VOCAB  # outside the LLM vocabulary, as the processor's added <image> token is
+
+_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def text_config(family: str = "llama", **overrides):
+    kwargs = {**_TEXT, **overrides}
+    if family == "llama":
+        return LlamaConfig(**kwargs)
+    if family == "qwen2":
+        return Qwen2Config(**kwargs)
+    if family == "qwen3":
+        return Qwen3Config(head_dim=8, **kwargs)
+    raise ValueError(family)
+
+
+def vision_config(kind: str = "clip"):
+    common = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2, image_size=16,
+                  patch_size=4)
+    return CLIPVisionConfig(**common) if kind == "clip" else SiglipVisionConfig(**common)
+
+
+def tiny_model(architecture: str = "saisa", family: str = "llama", vision: str = "clip", seed: int = 0,
+               **config_kwargs) -> SaisaForConditionalGeneration:
+    torch.manual_seed(seed)
+    config = SaisaConfig(text_config=text_config(family), vision_config=vision_config(vision),
+                         architecture=architecture, image_token_id=IMAGE_TOKEN, **config_kwargs)
+    model = SaisaForConditionalGeneration(config).eval()
+    # Random-init biases are zero; make them matter so a reference that forgets one fails.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
