@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, Qwen3Config, SiglipVisionConfig
 
 import saisa  # noqa: F401  (registers the config with the Auto classes)
 from saisa import SaisaConfig, SaisaForConditionalGeneration
+from saisa.processing import SaisaProcessor
+from saisa.vision import ImagePreprocessing
 
 VOCAB = 120
 IMAGE_TOKEN = VOCAB  # outside the LLM vocabulary, as the processor's added <image> token is
@@ -34,10 +38,10 @@ def vision_config(kind: str = "clip"):
 
 
 def tiny_model(architecture: str = "saisa", family: str = "llama", vision: str = "clip", seed: int = 0,
-               **config_kwargs) -> SaisaForConditionalGeneration:
+               image_token_id: int = IMAGE_TOKEN, **config_kwargs) -> SaisaForConditionalGeneration:
     torch.manual_seed(seed)
     config = SaisaConfig(text_config=text_config(family), vision_config=vision_config(vision),
-                         architecture=architecture, image_token_id=IMAGE_TOKEN, **config_kwargs)
+                         architecture=architecture, image_token_id=image_token_id, **config_kwargs)
     model = SaisaForConditionalGeneration(config).eval()
     # Random-init biases are zero; make them matter so a reference that forgets one fails.
     with torch.no_grad():
@@ -45,6 +49,18 @@ def tiny_model(architecture: str = "saisa", family: str = "llama", vision: str =
             if name.endswith("bias") or "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
     return model
+
+
+WORDS = ["<pad>", "<s>", "</s>", "user", "assistant", ":", "what", "is", "this", "?", "a", "cat", "and", "\n"]
+TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+
+
+def tiny_processor(image_size: int = 16) -> SaisaProcessor:
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
+    return SaisaProcessor(tokenizer, ImagePreprocessing(image_size, (0.5,) * 3, (0.5,) * 3), chat_template=TEMPLATE)
 
 
 def images(n: int, seed: int = 1) -> torch.Tensor:

@@ -5,23 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_model
+from conftest import tiny_processor as make_processor
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from saisa.processing import SaisaProcessor
-from saisa.vision import ImagePreprocessing
-
-WORDS = ["<pad>", "<s>", "</s>", "user", "assistant", ":", "what", "is", "this", "?", "a", "cat", "and", "\n"]
-TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
-
-
-def make_processor(image_size: int = 16) -> SaisaProcessor:
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
-    return SaisaProcessor(tokenizer, ImagePreprocessing(image_size, (0.5,) * 3, (0.5,) * 3), chat_template=TEMPLATE)
 
 
 def test_placeholder_is_one_token_and_images_are_stacked():

@@ -83,6 +83,12 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if not any(p.requires_grad for p in self.vision_tower.parameters()):
+            self.vision_tower.eval()  # a frozen encoder keeps its batch-norm statistics and no dropout
+        return self
+
     @property
     def tokens_per_image(self) -> int:
         return self.vision_tower.num_tokens

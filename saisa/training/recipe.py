@@ -1,0 +1,151 @@
+"""Recipes: a YAML file (see `recipes/`) with `key.sub=value` overrides from the command line, run as one stage."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from saisa.training.stages import STAGES, LoraSettings, configure_stage, expand_shared_projector, trainable_summary
+
+logger = logging.getLogger(__name__)
+
+# LLaVA-1.5's recipe (SAISA.md §5); per-device batch and accumulation are the user's to fit their hardware.
+STAGE_DEFAULTS = {
+    "align": {"learning_rate": 1e-3, "template": "plain"},
+    "instruct": {"learning_rate": 2e-5, "template": "vicuna_v1"},
+}
+TRAINING_DEFAULTS = {
+    "num_train_epochs": 1, "warmup_steps": 0.03,  # < 1: a ratio of all steps
+    "lr_scheduler_type": "cosine", "weight_decay": 0.0,
+    "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "logging_steps": 10, "save_steps": 500,
+    "save_total_limit": 2, "seed": 42, "activation_checkpointing": False, "dataloader_num_workers": 0,
+    "report_to": "none",
+}
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    recipe = yaml.safe_load(Path(path).read_text()) if path else {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path} must be a YAML mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = recipe
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return recipe
+
+
+def _require(recipe: dict, dotted: str):
+    node = recipe
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"recipe is missing `{dotted}`")
+        node = node[part]
+    return node
+
+
+def build_model_and_processor(model_spec: dict, architecture: str):
+    """`init`: "embedded" | a saved model folder; or `llm` + `vision`: local transformers checkpoints."""
+    from saisa import SaisaForConditionalGeneration
+    from saisa.processing import SaisaProcessor
+
+    extra = {k: model_spec[k] for k in ("shared_projector",) if k in model_spec}
+    init = model_spec.get("init")
+    if init == "embedded":
+        from saisa.embedded import build_embedded_default
+
+        return build_embedded_default(architecture, **extra)
+    if init:
+        model = SaisaForConditionalGeneration.from_pretrained(init)
+        if model.config.architecture != architecture:
+            raise ValueError(f"{init} holds a {model.config.architecture!r} model but the recipe says {architecture!r}")
+        return model, SaisaProcessor.from_pretrained(init)
+    if "llm" in model_spec and "vision" in model_spec:
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        llm = AutoModelForCausalLM.from_pretrained(model_spec["llm"], dtype=torch.float32)
+        vision = AutoModel.from_pretrained(model_spec["vision"], dtype=torch.float32)
+        vision = getattr(vision, "vision_model", vision) if hasattr(vision, "text_model") else vision
+        tokenizer = AutoTokenizer.from_pretrained(model_spec["llm"])
+        vision_config = getattr(vision.config, "vision_config", vision.config)
+        from saisa.vision import build_vision_encoder
+
+        tower = build_vision_encoder(vision_config, feature_layer=-2, select_strategy="default", module=vision)
+        processor = SaisaProcessor(tokenizer, tower.preprocessing)
+        model = SaisaForConditionalGeneration.from_modules(
+            llm, vision, vision_config=vision_config, architecture=architecture,
+            image_token_id=processor.image_token_id, **extra)
+        return model, processor
+    raise ValueError("recipe `model` needs `init: embedded`, `init: <saved model folder>`, or `llm:` and `vision:`")
+
+
+def run_training(recipe: dict, *, resume: bool = False) -> Path:
+    """Train one stage; writes checkpoints, then the final `from_pretrained` folder (model + processor + loss.png)."""
+    from transformers import TrainingArguments
+
+    from saisa.data import Collator, LlavaJsonDataset
+    from saisa.training.trainer import LossCurveCallback, SaisaTrainer, ThroughputCallback, last_complete_checkpoint
+
+    recipe = copy.deepcopy(recipe)
+    stage = recipe.get("stage", "align")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    architecture = recipe.get("architecture", "saisa")
+    output_dir = Path(_require(recipe, "output_dir"))
+    data = _require(recipe, "data")
+    model, processor = build_model_and_processor(_require(recipe, "model"), architecture)
+    if stage == "instruct" and recipe.get("expand_shared_projector", True) and expand_shared_projector(model):
+        logger.info("initialised %d per-layer projectors from the shared one", len(model.layer_projectors))
+
+    dataset = LlavaJsonDataset(
+        _require(data, "train"), data.get("image_folder"), processor,
+        template=data.get("template", STAGE_DEFAULTS[stage]["template"]), tokens_per_image=model.tokens_per_image,
+        max_length=data.get("max_length", 2048), skip_bad_images=data.get("skip_bad_images", False),
+    )
+    lora = LoraSettings(**recipe.get("lora", {}))
+    trainable = configure_stage(model, stage, freeze_llm=recipe.get("freeze_llm", False), lora=lora)
+    print(f"stage {stage} ({architecture}): {trainable_summary(trainable)}; {len(dataset)} samples")
+
+    settings = {**TRAINING_DEFAULTS, "learning_rate": STAGE_DEFAULTS[stage]["learning_rate"],
+                **recipe.get("training", {})}
+    on_gpu = torch.cuda.is_available()
+    settings.setdefault("bf16", on_gpu and torch.cuda.is_bf16_supported())
+    if settings.pop("group_by_length", True):
+        settings.setdefault("train_sampling_strategy", "group_by_length")
+    if settings.get("activation_checkpointing"):
+        # non-reentrant: with a frozen LLM the checkpointed layers' inputs need no grad, yet projector grads must flow
+        settings.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, use_cpu=not on_gpu, **settings)
+    trainer = SaisaTrainer(model=trainable, args=args, train_dataset=dataset,
+                           data_collator=Collator(processor.tokenizer.pad_token_id), lengths=dataset.lengths,
+                           callbacks=[ThroughputCallback(), LossCurveCallback()])
+    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    if resume:
+        print(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting afresh")
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    final = trainable
+    if lora.r > 0:
+        trainable.save_pretrained(output_dir / "adapter")
+        final = trainable.merge_and_unload()
+    if trainer.args.should_save:
+        final.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        report = {"stage": stage, "architecture": architecture, "samples": len(dataset),
+                  "truncated_samples": dataset.stats.truncated, "skipped_samples": len(dataset.stats.skipped_images),
+                  "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),
+                  "losses": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]}
+        (output_dir / "training_report.json").write_text(json.dumps(report, indent=2))
+        print(f"truncated {dataset.stats.truncated} sample(s) to {dataset.max_length} positions; "
+              f"skipped {len(dataset.stats.skipped_images)} sample(s) with bad images")
+        print(f"saved the trained model and its processor to {output_dir}")
+    return output_dir
