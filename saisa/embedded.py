@@ -51,10 +51,12 @@ def load_smollm2() -> tuple[PreTrainedModel, object]:
     return model, AutoTokenizer.from_pretrained(cached)
 
 
-def build_embedded_default(architecture: str = "saisa", **config_kwargs):
-    """(model, processor) with real pretrained LLM and vision weights and freshly initialised projector(s)."""
+def build_embedded_default(architecture: str = "saisa", *, image_size: int = 224, **config_kwargs):
+    """(model, processor) with real pretrained LLM and vision weights and freshly initialised projector(s).
+
+    image_size 224 gives 7x7 = 49 visual tokens; 112 gives 3x3 = 9 (what the CPU training demo uses)."""
     language_model, tokenizer = load_smollm2()
-    vision_config = EfficientNetLiteConfig()
+    vision_config = EfficientNetLiteConfig(image_size=image_size)
     encoder = EfficientNetLiteEncoder.pretrained_lite0()
     processor = SaisaProcessor(tokenizer, EfficientNetLiteEncoder(vision_config, feature_layer=-1,
                                                                   select_strategy="full", module=encoder).preprocessing)

@@ -1,7 +1,8 @@
 """`saisa train RECIPE.yaml [--set key.sub=value ...] [--resume]`: one training stage (align or instruct).
 
 Multi-GPU: `accelerate launch -m saisa.cli train ...` or `torchrun --nproc_per_node N -m saisa.cli train ...`, with
-`--set training.deepspeed=recipes/deepspeed/zero3.json` (or `training.fsdp=...`).
+`--set training.deepspeed=zero3` (a shipped config: zero2, zero3, zero3_offload; or a path) or
+`--set training.fsdp="full_shard auto_wrap"`.
 """
 
 from __future__ import annotations

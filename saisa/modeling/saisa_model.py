@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from saisa.backbones import decoder_family
 from saisa.configuration_saisa import SaisaConfig
 from saisa.modeling.attention import VISUAL_KV_KWARG, saisa_attention_name
+from saisa.modeling.image_kv_cache import ImageKVCache, image_key
 from saisa.modeling.layout import KeyLayout, SequenceLayout, attention_mask_4d, sequence_layout
 from saisa.modeling.projector import MLPProjector
 from saisa.vision import build_vision_encoder
@@ -62,6 +63,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             self.layer_projectors = nn.ModuleList(projector() for _ in range(config.text_config.num_hidden_layers))
         else:
             self.projector = projector()
+        # Optional, inference only: per-image visual K/V reused across requests (`saisa.modeling.image_kv_cache`).
+        self.image_kv_cache: ImageKVCache | None = None
         inner = self.language_model.config._attn_implementation or "sdpa"
         self.language_model.set_attn_implementation(saisa_attention_name(inner.removeprefix("saisa_")))
         self.post_init()
@@ -109,15 +112,36 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         return [self.family.visual_keys_values(layer, self.project_visual_features(features, i))
                 for i, layer in enumerate(layers)]
 
+    def image_keys_values(self, pixel_values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, keys (before RoPE) and values of every image, (N, kv_heads, v, head_dim) each, served from the
+        image KV cache where possible (never while training with gradients)."""
+        cache = self.image_kv_cache
+        if cache is None or (self.training and torch.is_grad_enabled()):
+            return self.visual_keys_values(self.encode_images(pixel_values))
+        self._check_pixel_values(pixel_values)
+        keys = [image_key(p) for p in pixel_values]
+        per_image = [cache.get(key) for key in keys]
+        missing = [i for i, found in enumerate(per_image) if found is None]
+        if missing:
+            fresh = self.visual_keys_values(self.encode_images(pixel_values[missing]))
+            for j, i in enumerate(missing):
+                per_image[i] = [(k[j], v[j]) for k, v in fresh]
+                cache.put(keys[i], per_image[i])
+        return [(torch.stack([image[layer][0] for image in per_image]),
+                 torch.stack([image[layer][1] for image in per_image])) for layer in range(len(per_image[0]))]
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, v, d_vis) patch features."""
+        self._check_pixel_values(pixel_values)
+        return self.vision_tower(pixel_values)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         size = self.vision_tower.preprocessing.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
             raise ValueError(
                 f"pixel_values must have shape (num_images, 3, {size}, {size}) for this vision encoder, got "
                 f"{tuple(pixel_values.shape)}; prepare images with SaisaProcessor"
             )
-        return self.vision_tower(pixel_values)
 
     # -- forward -------------------------------------------------------------------------------------------------------
     def forward(
@@ -150,17 +174,18 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
 
-        features = self.encode_images(pixel_values) if seq.num_images else None
         text_ids = input_ids.masked_fill(seq.is_image, 0)  # the placeholder id need not be in the vocabulary
         text_embeds = self.get_input_embeddings()(text_ids)  # (B, T, h)
         keys = prior.extend(seq)
 
-        if features is None and prior.positions.shape[1] == 0 and not prior.is_visual.any():
+        if not seq.num_images and prior.positions.shape[1] == 0:
             # Text only, nothing cached: exactly the bare LLM.
             hidden = self._decoder(text_embeds, attention_mask, seq.text_positions, cache, use_cache)
         elif self.config.architecture == "saisa":
-            hidden = self._forward_saisa(seq, keys, prior, features, text_embeds, cache, use_cache)
+            visual_kv = self.image_keys_values(pixel_values) if seq.num_images else None
+            hidden = self._forward_saisa(seq, keys, prior, visual_kv, text_embeds, cache, use_cache)
         else:
+            features = self.encode_images(pixel_values) if seq.num_images else None
             hidden = self._forward_embedding_space(seq, keys, prior, features, text_embeds, cache, use_cache)
 
         if cache is not None:
@@ -176,7 +201,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         loss = self._loss(logits, labels, seq) if labels is not None else None
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
 
-    def _forward_saisa(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, features, text_embeds,
+    def _forward_saisa(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, image_kv, text_embeds,
                        cache, use_cache) -> torch.Tensor:
         """Text runs through the unchanged LLM; each layer's key/value set gains that layer's visual K/V."""
         mask = attention_mask_4d(
@@ -185,8 +210,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             dtype=text_embeds.dtype,
         )
         visual_kv = []
-        if features is not None:
-            for k, v in self.visual_keys_values(features):  # (N, kv_heads, v, head_dim) each
+        if image_kv is not None:
+            for k, v in image_kv:  # (N, kv_heads, v, head_dim) each
                 k = seq.scatter_images(k.transpose(1, 2)).transpose(1, 2)  # (B, kv_heads, Vb, head_dim)
                 v = seq.scatter_images(v.transpose(1, 2)).transpose(1, 2)
                 visual_kv.append((self.family.rotate_keys(self.language_model, k, seq.visual_positions), v))

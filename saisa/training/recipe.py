@@ -28,8 +28,23 @@ TRAINING_DEFAULTS = {
 }
 
 
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A YAML path, or the name of a recipe shipped in saisa/recipes (e.g. `vicuna7b-clip336-align`)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe ({', '.join(names)})")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict:
-    recipe = yaml.safe_load(Path(path).read_text()) if path else {}
+    recipe = yaml.safe_load(resolve_recipe(str(path)).read_text()) if path else {}
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping")
     for item in overrides:
@@ -63,7 +78,7 @@ def build_model_and_processor(model_spec: dict, architecture: str):
     if init == "embedded":
         from saisa.embedded import build_embedded_default
 
-        return build_embedded_default(architecture, **extra)
+        return build_embedded_default(architecture, image_size=model_spec.get("image_size", 224), **extra)
     if init:
         model = SaisaForConditionalGeneration.from_pretrained(init)
         if model.config.architecture != architecture:
@@ -121,6 +136,12 @@ def run_training(recipe: dict, *, resume: bool = False) -> Path:
     settings.setdefault("bf16", on_gpu and torch.cuda.is_bf16_supported())
     if settings.pop("group_by_length", True):
         settings.setdefault("train_sampling_strategy", "group_by_length")
+    if settings.get("deepspeed") and not Path(settings["deepspeed"]).exists():
+        shipped = RECIPES_DIR / "deepspeed" / f"{settings['deepspeed']}.json"
+        if not shipped.exists():
+            raise FileNotFoundError(f"DeepSpeed config {settings['deepspeed']!r} is neither a file nor a shipped one "
+                                    "(zero2, zero3, zero3_offload)")
+        settings["deepspeed"] = str(shipped)
     if settings.get("activation_checkpointing"):
         # non-reentrant: with a frozen LLM the checkpointed layers' inputs need no grad, yet projector grads must flow
         settings.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})

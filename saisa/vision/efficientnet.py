@@ -37,7 +37,7 @@ class EfficientNetLiteEncoder(VisionEncoder):
                 raise ImportError("EfficientNet-Lite needs `pip install efficientnet-lite-pytorch`") from error
             module = EfficientNet.from_name(config.variant)
         self.model = module
-        grid = -(-config.image_size // 32)  # total stride 32
+        grid = config.image_size // 32  # total stride 32, partial cells dropped
         self.num_tokens = grid * grid
         self.hidden_size = config.hidden_size
         self.preprocessing = ImagePreprocessing(config.image_size, (0.5,) * 3, (0.5,) * 3)

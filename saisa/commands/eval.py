@@ -1,0 +1,36 @@
+"""`saisa eval MODEL --questions Q.jsonl --image-folder DIR`: batched evaluation, predictions + metrics JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a saved model folder (model + processor)")
+    parser.add_argument("--questions", required=True, help="LLaVA-style question JSONL")
+    parser.add_argument("--image-folder", help="folder the questions' image paths are relative to")
+    parser.add_argument("--out", default=None, help="folder for predictions.jsonl and metrics.json")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--blind", action="store_true", help="ask without the images (a language-prior baseline)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from saisa import SaisaForConditionalGeneration
+    from saisa.evaluation import evaluate
+    from saisa.processing import SaisaProcessor
+
+    model = SaisaForConditionalGeneration.from_pretrained(args.model).eval()
+    processor = SaisaProcessor.from_pretrained(args.model)
+    out = args.out or str(Path(args.model) / "eval")
+    metrics = evaluate(model, processor, args.questions, args.image_folder, out_dir=out, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, blind=args.blind)
+    print(json.dumps(metrics, indent=2))
+    if metrics["missing_images"]:
+        print(f"warning: {metrics['missing_images']} question(s) had a missing or unreadable image; see "
+              f"{out}/predictions.jsonl")
+    print(f"wrote {out}")
+    return 0
