@@ -63,6 +63,19 @@ def tiny_processor(image_size: int = 16) -> SaisaProcessor:
     return SaisaProcessor(tokenizer, ImagePreprocessing(image_size, (0.5,) * 3, (0.5,) * 3), chat_template=TEMPLATE)
 
 
+def tiny_chat_processor() -> SaisaProcessor:
+    """A word-level tokenizer covering the tiny model's whole vocabulary (so every generated id decodes to text),
+    with a chat template; its <image> token gets id VOCAB, the tiny models' IMAGE_TOKEN."""
+    words = ["<pad>", "<s>", "</s>", "user", "assistant", ":", "what", "is", "this", "?", "\n"]
+    words += [f"w{i}" for i in range(len(words), VOCAB)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
+    processor = SaisaProcessor(tokenizer, ImagePreprocessing(16, (0.5,) * 3, (0.5,) * 3), chat_template=TEMPLATE)
+    assert processor.image_token_id == IMAGE_TOKEN
+    return processor
+
+
 def images(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 

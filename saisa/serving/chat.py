@@ -1,0 +1,46 @@
+"""A multi-turn chat session that keeps its KV cache: each turn feeds only the tokens the cache has not seen (the new
+user turn, plus any image), never the earlier conversation again."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ChatSession:
+    def __init__(self, model, processor, *, max_new_tokens: int = 256):
+        self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
+        self.messages: list[dict] = []
+        self.images: list = []
+        self.ids: torch.Tensor | None = None  # every token the cache holds, (1, T)
+        self.cache = None
+        self.last_new_tokens = 0  # prompt tokens the last turn actually computed (for tests and curiosity)
+
+    def reset(self) -> None:
+        self.__init__(self.model, self.processor, max_new_tokens=self.max_new_tokens)
+
+    def ask(self, text: str, images: list | None = None, *, streamer=None, do_sample: bool = False) -> str:
+        images = images or []
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        self.messages.append({"role": "user", "content": content})
+        prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True)
+        full = self.processor(prompt, images=self.images + images)
+        ids = full["input_ids"]
+        reuse = (self.ids is not None and ids.shape[1] > self.ids.shape[1]
+                 and torch.equal(ids[:, : self.ids.shape[1]], self.ids))
+        if reuse:
+            new_images = full["pixel_values"][len(self.images):] if images else None
+            kwargs = {"cache": self.cache, "pixel_values": new_images}
+            self.last_new_tokens = ids.shape[1] - self.ids.shape[1]
+        else:  # first turn, or the template re-rendered earlier turns differently: start over
+            kwargs = {"pixel_values": full.get("pixel_values")}
+            self.last_new_tokens = ids.shape[1]
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                do_sample=do_sample, streamer=streamer, return_dict_in_generate=True,
+                pad_token_id=self.processor.tokenizer.pad_token_id, **kwargs)
+        self.ids, self.cache = out.sequences, out.cache
+        self.images += images
+        answer = self.processor.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
