@@ -16,6 +16,7 @@ VERBS = {
     "eval": ("saisa.commands.eval", "evaluate a saved model on short-answer / multiple-choice / yes-no questions"),
     "flops": ("saisa.commands.flops", "analytic inference/training FLOPs: LLaVA-1.5 vs NAAViT vs SAISA vs Flamingo"),
     "bench": ("saisa.commands.bench", "time SAISA vs LLaVA vs transformers' Llava: TTFT, decode, memory, train step"),
+    "convert": ("saisa.commands.convert", "convert LLaVA-1.5 / SAISA-release / llava-hf checkpoints (and back)"),
     "ask": ("saisa.commands.ask", "answer one question about one or more images with a saved model"),
 }
 

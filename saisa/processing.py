@@ -45,7 +45,9 @@ def _flatten_images(images) -> list[Image.Image]:
 
 class SaisaProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, preprocessing: ImagePreprocessing, *,
-                 image_token: str = IMAGE_TOKEN, chat_template: str | None = None):
+                 image_token: str = IMAGE_TOKEN, chat_template: str | None = None, template: str | None = None):
+        """template: a named conversation template (`saisa.data.templates`: vicuna_v1, llama3, chatml) used instead
+        of the tokenizer's chat template, as checkpoints trained with one expect."""
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_tokens([image_token], special_tokens=True)
         if tokenizer.pad_token is None:
@@ -55,6 +57,7 @@ class SaisaProcessor:
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing
         self.image_token = image_token
+        self.template = template
 
     @property
     def image_token_id(self) -> int:
@@ -116,6 +119,10 @@ class SaisaProcessor:
                         raise ValueError(f"unknown content type {kind!r}; use 'text' or 'image'")
                 content = "".join(parts)
             rendered.append({**message, "content": content})
+        if self.template is not None:
+            from saisa.data.templates import get_template
+
+            return get_template(self.template).render(rendered, add_generation_prompt=add_generation_prompt).text
         return self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
                                                   tokenize=tokenize, **kwargs)
 
@@ -132,7 +139,7 @@ class SaisaProcessor:
         self.tokenizer.save_pretrained(directory)
         p = self.preprocessing
         settings = {"image_token": self.image_token, "image_size": p.image_size, "image_mean": list(p.image_mean),
-                    "image_std": list(p.image_std)}
+                    "image_std": list(p.image_std), "template": self.template}
         (directory / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2))
 
     @classmethod
@@ -144,4 +151,5 @@ class SaisaProcessor:
         settings = json.loads(path.read_text())
         preprocessing = ImagePreprocessing(settings["image_size"], tuple(settings["image_mean"]),
                                            tuple(settings["image_std"]))
-        return cls(AutoTokenizer.from_pretrained(directory), preprocessing, image_token=settings["image_token"])
+        return cls(AutoTokenizer.from_pretrained(directory), preprocessing, image_token=settings["image_token"],
+                   template=settings.get("template"))

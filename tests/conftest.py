@@ -76,6 +76,23 @@ def tiny_chat_processor() -> SaisaProcessor:
     return processor
 
 
+def hf_llava_with_weights_of(model, *, image_token_index: int):
+    """transformers' LlavaForConditionalGeneration holding our `llava` model's weights (mapped by hand)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(vision_config=model.config.vision_config, text_config=model.config.text_config,
+                         image_token_index=image_token_index, image_seq_length=model.tokens_per_image,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    hf = LlavaForConditionalGeneration(config).eval()
+    state = {f"model.language_model.{k}": v for k, v in model.language_model.model.state_dict().items()}
+    state["lm_head.weight"] = model.language_model.lm_head.weight
+    state.update({f"model.vision_tower.{k}": v for k, v in model.vision_tower.model.state_dict().items()})
+    state.update({f"model.multi_modal_projector.{k}": v for k, v in model.projector.state_dict().items()})
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf
+
+
 def images(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import IMAGE_TOKEN as I
-from conftest import images, text_config, tiny_model, vision_config
+from conftest import hf_llava_with_weights_of, images, text_config, tiny_model, vision_config
 from reference import reference_logits
-from transformers import AutoModelForCausalLM, LlavaConfig, LlavaForConditionalGeneration, TextIteratorStreamer
+from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from saisa import SaisaConfig, SaisaForConditionalGeneration
 
@@ -152,20 +152,7 @@ def test_text_only_equals_bare_llm(arch):
 def test_llava_equals_transformers_llava():
     model = tiny_model("llava")
     v = model.tokens_per_image
-    hf_config = LlavaConfig(vision_config=model.config.vision_config, text_config=model.config.text_config,
-                            image_token_index=3, image_seq_length=v, vision_feature_layer=-2,
-                            vision_feature_select_strategy="default")
-    hf = LlavaForConditionalGeneration(hf_config).eval()
-    state = {}
-    for key, value in model.language_model.model.state_dict().items():
-        state[f"model.language_model.{key}"] = value
-    state["lm_head.weight"] = model.language_model.lm_head.weight
-    for key, value in model.vision_tower.model.state_dict().items():
-        state[f"model.vision_tower.{key}"] = value
-    for key, value in model.projector.state_dict().items():
-        state[f"model.multi_modal_projector.{key}"] = value
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and not missing, (missing, unexpected)
+    hf = hf_llava_with_weights_of(model, image_token_index=3)
 
     ours_ids = torch.tensor([[5, 6, I, 7, 8, I, 9]])
     hf_ids = torch.tensor([[5, 6] + [3] * v + [7, 8] + [3] * v + [9]])

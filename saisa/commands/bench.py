@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
+    parser.add_argument("--image-cache", action="store_true",
+                        help="instead: SAISA time to first token for a cold image vs the same image again")
     parser.add_argument("--out", default="docs/bench", help="folder for bench.json and bench.png")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: measure one model's peak memory
 
@@ -139,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     if args.memory_probe:
         print(json.dumps({"peak_bytes": memory_probe(args)}))
         return 0
+    if args.image_cache:
+        return image_cache_bench(args)
     from rich.progress import Progress
 
     models = {name: build(name, args) for name in MODELS}
@@ -186,6 +190,37 @@ def run(args: argparse.Namespace) -> int:
                                                 "command": " ".join(sys.argv)}, indent=2))
     _plot(results, out / "bench.png", args)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
+def image_cache_bench(args) -> int:
+    """TTFT of a prompt with a new image (cold: encoder + L projectors + L visual K/V projections) against the same
+    image again in a different prompt (warm: served from the image KV cache, only rotated at its new position)."""
+    from saisa.modeling.image_kv_cache import ImageKVCache
+
+    model, ids, pixels = build("saisa", args)
+    model.image_kv_cache = ImageKVCache(4 << 30)
+    other_prompt = torch.cat([ids[:, 1:9], ids], 1)  # 8 more text tokens first: the image sits at a new position
+    cold, warm = [], []
+    with torch.no_grad():
+        prefill(model, ids, pixels)  # warm-up of the kernels, not of the cache
+        for repeat in range(args.repeats):
+            image = pixels + (repeat + 1) * 1e-3  # a new image every repeat
+            cold.append(_time(lambda: prefill(model, ids, image), args.device))
+            warm.append(_time(lambda: prefill(model, other_prompt, image), args.device))
+    result = {"cold_ttft_s": statistics.median(cold), "repeat_ttft_s": statistics.median(warm)}
+    result["repeat_over_cold"] = result["repeat_ttft_s"] / result["cold_ttft_s"]
+    result["cache"] = model.image_kv_cache.stats()
+    print(f"h={args.hidden} L={args.layers} v={args.visual_tokens} t={args.text_tokens} {args.device} "
+          f"{args.dtype} threads={args.threads} (medians of {args.repeats})")
+    print(f"cold image TTFT   {1000 * result['cold_ttft_s']:8.1f} ms")
+    print(f"repeat image TTFT {1000 * result['repeat_ttft_s']:8.1f} ms   (8 more prompt tokens, image moved)")
+    print(f"repeat / cold     {result['repeat_over_cold']:8.3f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "image_cache.json").write_text(json.dumps({"config": vars(args), "result": result,
+                                                     "command": " ".join(sys.argv)}, indent=2))
+    print(f"wrote {out / 'image_cache.json'}")
     return 0
 
 

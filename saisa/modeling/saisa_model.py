@@ -9,6 +9,8 @@ Reading guide (SAISA.md §3):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +70,18 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         inner = self.language_model.config._attn_implementation or "sdpa"
         self.language_model.set_attn_implementation(saisa_attention_name(inner.removeprefix("saisa_")))
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Our folders load as usual; LLaVA-1.5, llava-hf and the authors' SAISA releases are converted on load."""
+        from saisa.interop import detect_layout, load_foreign
+
+        folder = Path(str(pretrained_model_name_or_path))
+        if (folder / "config.json").exists() and detect_layout(folder) != "saisa":
+            print(f"{folder}: {detect_layout(folder)} checkpoint converted on load "
+                  "(`saisa convert` writes the converted folder once)")
+            return load_foreign(folder, architecture=kwargs.pop("architecture", None), dtype=kwargs.get("dtype"))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_modules(cls, language_model: PreTrainedModel, vision_model: nn.Module, **config_kwargs):
