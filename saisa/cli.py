@@ -14,6 +14,7 @@ VERBS = {
     "chat": ("saisa.commands.chat", "terminal chat with streaming, images by path, KV cache kept across turns"),
     "serve": ("saisa.commands.serve", "OpenAI-compatible HTTP server (chat completions, SSE streaming, image KV cache)"),
     "eval": ("saisa.commands.eval", "evaluate a saved model on short-answer / multiple-choice / yes-no questions"),
+    "reproduce": ("saisa.commands.reproduce", "train and compare saisa / llava / naavit on the embedded default"),
     "flops": ("saisa.commands.flops", "analytic inference/training FLOPs: LLaVA-1.5 vs NAAViT vs SAISA vs Flamingo"),
     "bench": ("saisa.commands.bench", "time SAISA vs LLaVA vs transformers' Llava: TTFT, decode, memory, train step"),
     "convert": ("saisa.commands.convert", "convert LLaVA-1.5 / SAISA-release / llava-hf checkpoints (and back)"),
