@@ -3,7 +3,7 @@ model folder."""
 
 from __future__ import annotations
 
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
@@ -45,8 +45,11 @@ class SaisaLMM(lmms):
             context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
-            results.append(continuation_loglikelihood(self.model, self.processor, context,
-                                                      _visuals(doc_to_visual, doc), continuation))
+            scored = continuation_loglikelihood(self.model, self.processor, context, _visuals(doc_to_visual, doc),
+                                                continuation)
+            # lmms-eval 0.7.3 turns any plain tuple response into its str(); wrapped, the (logprob, is_greedy) pair
+            # reaches the task's process_results intact.
+            results.append(GenerationResult(text=scored))
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:
