@@ -173,3 +173,24 @@ def test_recipe_overrides():
     assert recipe == {"stage": "instruct", "training": {"max_steps": 5}, "lora": {"r": 8}}
     with pytest.raises(ValueError, match="must look like"):
         load_recipe(None, ["nonsense"])
+
+
+def test_full_scale_recipe_path_on_tiny_local_checkpoints(tmp_path):
+    """The shipped Vicuna-7B + CLIP recipe, pointed at tiny local LLM and CLIP folders, runs its stage align."""
+    from conftest import text_config, vision_config
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    from saisa.processing import SaisaProcessor
+
+    recipe = _write_run(tmp_path, "saisa")
+    LlamaForCausalLM(text_config("llama")).save_pretrained(tmp_path / "llm")
+    tiny_processor().tokenizer.save_pretrained(tmp_path / "llm")
+    CLIPVisionModel(vision_config()).save_pretrained(tmp_path / "clip")
+    overrides = [f"model.llm={tmp_path / 'llm'}", f"model.vision={tmp_path / 'clip'}",
+                 f"data.train={recipe['data']['train']}", f"data.image_folder={tmp_path}",
+                 f"output_dir={tmp_path / 'full'}", "training.deepspeed=null", "training.bf16=false",
+                 "training.max_steps=2", "training.per_device_train_batch_size=2", "training.dataloader_num_workers=0"]
+    out = run_training(load_recipe("vicuna7b-clip336-align", overrides))
+    processor = SaisaProcessor.from_pretrained(out)
+    assert processor.template == "vicuna_v1"
+    assert (out / "model.safetensors").exists()

@@ -80,25 +80,26 @@ def build_model_and_processor(model_spec: dict, architecture: str):
 
         return build_embedded_default(architecture, image_size=model_spec.get("image_size", 224), **extra)
     if init:
+        from saisa.interop import detect_layout, load_foreign, processor_for_foreign
+
+        if detect_layout(init) != "saisa":  # a LLaVA-1.5 / llava-hf / SAISA-release folder, converted on load
+            model = load_foreign(init, architecture=architecture)
+            return model, processor_for_foreign(init, model)
         model = SaisaForConditionalGeneration.from_pretrained(init)
         if model.config.architecture != architecture:
             raise ValueError(f"{init} holds a {model.config.architecture!r} model but the recipe says {architecture!r}")
         return model, SaisaProcessor.from_pretrained(init)
     if "llm" in model_spec and "vision" in model_spec:
-        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from saisa.vision.clip import load_vision_model
 
         llm = AutoModelForCausalLM.from_pretrained(model_spec["llm"], dtype=torch.float32)
-        vision = AutoModel.from_pretrained(model_spec["vision"], dtype=torch.float32)
-        vision = getattr(vision, "vision_model", vision) if hasattr(vision, "text_model") else vision
-        tokenizer = AutoTokenizer.from_pretrained(model_spec["llm"])
-        vision_config = getattr(vision.config, "vision_config", vision.config)
-        from saisa.vision import build_vision_encoder
-
-        tower = build_vision_encoder(vision_config, feature_layer=-2, select_strategy="default", module=vision)
-        processor = SaisaProcessor(tokenizer, tower.preprocessing)
-        model = SaisaForConditionalGeneration.from_modules(
-            llm, vision, vision_config=vision_config, architecture=architecture,
-            image_token_id=processor.image_token_id, **extra)
+        vision = load_vision_model(model_spec["vision"])
+        model = SaisaForConditionalGeneration.from_modules(llm, vision, architecture=architecture, **extra)
+        processor = SaisaProcessor(AutoTokenizer.from_pretrained(model_spec["llm"]), model.vision_tower.preprocessing,
+                                   template=model_spec.get("template"))
+        model.config.image_token_id = processor.image_token_id
         return model, processor
     raise ValueError("recipe `model` needs `init: embedded`, `init: <saved model folder>`, or `llm:` and `vision:`")
 

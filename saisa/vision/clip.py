@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig
+from transformers import AutoConfig, AutoModel, CLIPVisionModel, PreTrainedConfig, SiglipVisionModel
 
 from saisa.vision import ImagePreprocessing, VisionEncoder, register_vision_encoder
+
+VISION_MODEL_CLASSES = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel,
+                        "siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}
+
+
+def load_vision_model(folder: str) -> nn.Module:
+    """The vision half of a local CLIP / SigLIP checkpoint (a full CLIP folder works: its text half is skipped)."""
+    model_type = AutoConfig.from_pretrained(folder).model_type
+    if model_type not in VISION_MODEL_CLASSES:
+        raise ValueError(f"{folder}: unsupported vision checkpoint {model_type!r}; one of {sorted(VISION_MODEL_CLASSES)}")
+    return VISION_MODEL_CLASSES[model_type].from_pretrained(folder, dtype=torch.float32)
+
 
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
