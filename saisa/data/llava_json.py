@@ -51,17 +51,21 @@ class LlavaJsonDataset(Dataset):
                 for r in self.records]
 
     def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        names = _image_names(record)
-        try:
-            images = [load_image(self.image_folder / name) for name in names]
-        except (FileNotFoundError, ValueError) as error:
-            if not self.skip_bad_images:
-                raise type(error)(f"sample {record.get('id', index)}: {error}") from None
-            self.stats.skipped_images.append(str(error))
-            logger.warning("skipping sample %s: %s (%d skipped so far)", record.get("id", index), error,
-                           len(self.stats.skipped_images))
-            return self[(index + 1) % len(self)]
+        for attempt in range(len(self)):  # with skip_bad_images, a bad sample hands over to the next one
+            record = self.records[(index + attempt) % len(self)]
+            try:
+                images = [load_image(self.image_folder / name) for name in _image_names(record)]
+            except (FileNotFoundError, ValueError) as error:
+                if not self.skip_bad_images:
+                    raise type(error)(f"sample {record.get('id', index)}: {error}") from None
+                self.stats.skipped_images.append(str(error))
+                logger.warning("skipping sample %s: %s (%d skipped so far)", record.get("id", index), error,
+                               len(self.stats.skipped_images))
+                continue
+            return self._sample(record, images, index)
+        raise ValueError("every sample has a missing or unreadable image")
+
+    def _sample(self, record: dict, images: list, index: int) -> dict:
         placeholders = sum(_value(t).count(IMAGE) for t in record["conversations"])
         if placeholders != len(images):
             raise ValueError(f"sample {record.get('id', index)}: {placeholders} {IMAGE} placeholder(s) but "

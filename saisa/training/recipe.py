@@ -106,7 +106,7 @@ def build_model_and_processor(model_spec: dict, architecture: str):
 
 def run_training(recipe: dict, *, resume: bool = False) -> Path:
     """Train one stage; writes checkpoints, then the final `from_pretrained` folder (model + processor + loss.png)."""
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, set_seed
 
     from saisa.data import Collator, LlavaJsonDataset
     from saisa.training.trainer import LossCurveCallback, SaisaTrainer, ThroughputCallback, last_complete_checkpoint
@@ -118,6 +118,8 @@ def run_training(recipe: dict, *, resume: bool = False) -> Path:
     architecture = recipe.get("architecture", "saisa")
     output_dir = Path(_require(recipe, "output_dir"))
     data = _require(recipe, "data")
+    # Seed before anything random is built (new projectors, LoRA matrices), not only when the Trainer starts.
+    set_seed(recipe.get("training", {}).get("seed", TRAINING_DEFAULTS["seed"]))
     model, processor = build_model_and_processor(_require(recipe, "model"), architecture)
     if stage == "instruct" and recipe.get("expand_shared_projector", True) and expand_shared_projector(model):
         logger.info("initialised %d per-layer projectors from the shared one", len(model.layer_projectors))
