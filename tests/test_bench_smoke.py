@@ -20,7 +20,7 @@ def test_bench_writes_json_and_png(tmp_path):
 
 def test_image_cache_bench_reports_a_ratio_and_hits(tmp_path):
     assert main(["bench", *TINY, "--image-cache", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "image_cache.json").read_text())["result"]
+    result = json.loads((tmp_path / "image_cache_vision1x64.json").read_text())["result"]
     assert result["repeat_over_cold"] > 0 and result["cache"]["hits"] >= 1
 
 

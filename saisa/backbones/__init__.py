@@ -43,7 +43,8 @@ class DecoderFamily:
     def rotate_keys(self, language_model: PreTrainedModel, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """keys (B, kv_heads, n, head_dim) rotated at positions (B, n)."""
         cos, sin = self.decoder(language_model).rotary_emb(keys, positions)  # (B, n, head_dim) each
-        _, rotated = self.apply_rotary_pos_emb(keys, keys, cos, sin)
+        # The family's function rotates a query too: give it one head's worth, not a second copy of the keys.
+        _, rotated = self.apply_rotary_pos_emb(keys[:, :1], keys, cos, sin)
         return rotated
 
 

@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--vision-hidden", type=int, default=64,
+                        help="CLIP tower width (default tiny: its cost is common to all; 1024 = ViT-L)")
+    parser.add_argument("--vision-layers", type=int, default=1, help="CLIP tower depth (24 = ViT-L/14-336)")
     parser.add_argument("--text-tokens", "-t", type=int, default=64)
     parser.add_argument("--visual-tokens", "-v", type=int, default=576, help="must be a square number")
     parser.add_argument("--decode-tokens", type=int, default=32)
@@ -48,8 +51,10 @@ def build(name: str, args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]
 
     side = int(round(args.visual_tokens**0.5))
     assert side * side == args.visual_tokens, "--visual-tokens must be a square"
-    # A deliberately small vision tower (its cost is common to all three) that yields v patch tokens.
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+    # By default a deliberately small vision tower (its cost is common to all three) that yields v patch tokens;
+    # --vision-hidden 1024 --vision-layers 24 gives CLIP ViT-L/14-336's shape.
+    vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
+                              num_hidden_layers=args.vision_layers, num_attention_heads=max(1, args.vision_hidden // 64),
                               image_size=side * 14, patch_size=14)
     text = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
@@ -212,23 +217,25 @@ def image_cache_bench(args) -> int:
     result = {"cold_ttft_s": statistics.median(cold), "repeat_ttft_s": statistics.median(warm)}
     result["repeat_over_cold"] = result["repeat_ttft_s"] / result["cold_ttft_s"]
     result["cache"] = model.image_kv_cache.stats()
-    print(f"h={args.hidden} L={args.layers} v={args.visual_tokens} t={args.text_tokens} {args.device} "
-          f"{args.dtype} threads={args.threads} (medians of {args.repeats})")
+    print(f"h={args.hidden} L={args.layers} v={args.visual_tokens} t={args.text_tokens} vision tower "
+          f"{args.vision_layers}x{args.vision_hidden} {args.device} {args.dtype} threads={args.threads} "
+          f"(medians of {args.repeats})")
     print(f"cold image TTFT   {1000 * result['cold_ttft_s']:8.1f} ms")
     print(f"repeat image TTFT {1000 * result['repeat_ttft_s']:8.1f} ms   (another prompt, image 8 positions later)")
     print(f"repeat / cold     {result['repeat_over_cold']:8.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "image_cache.json").write_text(json.dumps({"config": vars(args), "result": result,
-                                                     "command": " ".join(sys.argv)}, indent=2))
-    print(f"wrote {out / 'image_cache.json'}")
+    name = f"image_cache_vision{args.vision_layers}x{args.vision_hidden}.json"
+    (out / name).write_text(json.dumps({"config": vars(args), "result": result, "command": " ".join(sys.argv)},
+                                       indent=2))
+    print(f"wrote {out / name}")
     return 0
 
 
 def _probe_memory(name: str, args) -> float | None:
     argv = [sys.executable, "-m", "saisa.cli", "bench", "--memory-probe", name]
     for key in ("hidden", "ffn", "layers", "heads", "vocab", "text_tokens", "visual_tokens", "threads", "device",
-                "dtype"):
+                "dtype", "vision_hidden", "vision_layers"):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.kv_heads:
         argv += ["--kv-heads", str(args.kv_heads)]

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--architecture", choices=["saisa", "llava", "naavit"], default="saisa")
     parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--align-per-class", type=int, default=200, help="align captions per class")
-    parser.add_argument("--instruct-per-class", type=int, default=150, help="instruct questions per class")
+    parser.add_argument("--instruct-per-class", type=int, default=200, help="instruct questions per class")
     parser.add_argument("--test-per-class", type=int, default=50, help="held-out questions per class")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank in instruct (0: projectors only)")
     parser.add_argument("--seed", type=int, default=0)
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_pipeline(arch: str, work: Path, *, align_per_class: int = 200, instruct_per_class: int = 150,
+def run_pipeline(arch: str, work: Path, *, align_per_class: int = 200, instruct_per_class: int = 200,
                  test_per_class: int = 50, lora_r: int = 16, seed: int = 0) -> dict:
     """Prepare data, train align then instruct, evaluate with and without the image; returns the report."""
     from saisa import SaisaForConditionalGeneration

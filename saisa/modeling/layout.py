@@ -44,6 +44,8 @@ class SequenceLayout:
     def scatter_images(self, per_image: torch.Tensor) -> torch.Tensor:
         """(N, v, *rest) per image -> (B, Vb, *rest) visual block, zeros in empty slots."""
         batch, block = self.visual_positions.shape
+        if self.num_images == batch and block == self.tokens_per_image:  # one image per sample: already in place
+            return per_image
         out = per_image.new_zeros(batch, block, *per_image.shape[2:])
         slots = self.image_first_slot[:, None] + torch.arange(self.tokens_per_image, device=per_image.device)  # (N, v)
         out[self.image_batch_index[:, None], slots] = per_image

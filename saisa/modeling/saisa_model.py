@@ -141,6 +141,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             for j, i in enumerate(missing):
                 per_image[i] = [(k[j], v[j]) for k, v in fresh]
                 cache.put(keys[i], per_image[i])
+        if len(per_image) == 1:  # views, no copy
+            return [(k[None], v[None]) for k, v in per_image[0]]
         return [(torch.stack([image[layer][0] for image in per_image]),
                  torch.stack([image[layer][1] for image in per_image])) for layer in range(len(per_image[0]))]
 
