@@ -146,7 +146,7 @@ def _markdown(reports: dict, args) -> str:
         f"- Time to first token: SAISA {_ratio(saisa['ttft_s'], llava['ttft_s'])} of LLaVA's. With so few visual "
         "tokens the FLOPs saved are smaller than SAISA's fixed per-layer overheads (30 small projector and K/V "
         "matmuls, RoPE on visual keys, cache writes); the saving appears once v is large (`saisa bench`, v = 576: "
-        "0.40).",
+        "about 0.37-0.40 of LLaVA's time).",
         f"- Training time: SAISA / LLaVA = {train_ratio:.2f} over both stages (paper: 0.74 in GPU hours at v = 576). "
         "Wall-clock on a shared 2-core machine; the stages are short enough that a few seconds of other load show.",
     ]
