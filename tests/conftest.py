@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-from transformers import CLIPVisionConfig, LlamaConfig, Qwen2Config, Qwen3Config, SiglipVisionConfig
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+    SiglipVisionConfig,
+)
 
 import saisa  # noqa: F401  (registers the config with the Auto classes)
 from saisa import SaisaConfig, SaisaForConditionalGeneration

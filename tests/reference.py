@@ -80,10 +80,10 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
         allowed = causal
     mask = torch.zeros(n, n).masked_fill(~allowed, float("-inf"))
 
-    for l, layer in enumerate(layers):
+    for index, layer in enumerate(layers):
         attn = layer.self_attn
         if arch == "saisa" and features is not None:
-            projector = model.layer_projectors[l] if hasattr(model, "layer_projectors") else model.projector
+            projector = model.layer_projectors[index] if hasattr(model, "layer_projectors") else model.projector
             # Visual entries enter the layer's input space afresh; they carry nothing from the previous layer.
             layer_input = torch.where(is_visual[:, None], visual_rows(_projector(features, projector)), hidden)
         else:

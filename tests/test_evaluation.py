@@ -161,14 +161,14 @@ def test_lmms_eval_plugin_answers_local_tasks(tmp_path):
         doc_to_visual: !function utils.doc_to_visual
         doc_to_text: !function utils.doc_to_text
     """
-    (tasks / "saisa_local_vqa.yaml").write_text(textwrap.dedent(f"""
+    (tasks / "saisa_local_vqa.yaml").write_text(textwrap.dedent("""
         task: saisa_local_vqa
         output_type: generate_until
         doc_to_target: answer
-        generation_kwargs: {{max_new_tokens: 3, temperature: 0, do_sample: false}}
+        generation_kwargs: {max_new_tokens: 3, temperature: 0, do_sample: false}
         process_results: !function utils.process_results
         metric_list:
-          - {{metric: exact_match, aggregation: mean, higher_is_better: true}}
+          - {metric: exact_match, aggregation: mean, higher_is_better: true}
     """) + textwrap.dedent(common))
     (tasks / "saisa_local_mc.yaml").write_text(textwrap.dedent("""
         task: saisa_local_mc

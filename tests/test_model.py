@@ -121,8 +121,8 @@ def test_generate_batched_multi_image_equals_greedy_loop(arch):
 def test_generate_sampling_and_streamer():
     from threading import Thread
 
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(120)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t0")))

@@ -69,10 +69,11 @@ def yes_no(prediction: str) -> str | None:
 def pope_metrics(predictions: list[str | None], labels: list[str]) -> dict[str, float]:
     """POPE: 'yes' is the positive class; an unparsable answer counts as 'no' (as in the POPE script)."""
     predicted = [p if p in ("yes", "no") else "no" for p in predictions]
-    tp = sum(p == "yes" and l == "yes" for p, l in zip(predicted, labels))
-    fp = sum(p == "yes" and l == "no" for p, l in zip(predicted, labels))
-    fn = sum(p == "no" and l == "yes" for p, l in zip(predicted, labels))
-    tn = sum(p == "no" and l == "no" for p, l in zip(predicted, labels))
+    pairs = list(zip(predicted, labels))
+    tp = sum(said == "yes" and truth == "yes" for said, truth in pairs)
+    fp = sum(said == "yes" and truth == "no" for said, truth in pairs)
+    fn = sum(said == "no" and truth == "yes" for said, truth in pairs)
+    tn = sum(said == "no" and truth == "no" for said, truth in pairs)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
