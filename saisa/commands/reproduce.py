@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="runs/reproduce")
     parser.add_argument("--docs", default="docs", help="where reproduction.md and its plots go")
     parser.add_argument("--align-per-class", type=int, default=200)
-    parser.add_argument("--instruct-per-class", type=int, default=150)
+    parser.add_argument("--instruct-per-class", type=int, default=200)
     parser.add_argument("--test-per-class", type=int, default=50)
     parser.add_argument("--ttft-prompts", type=int, default=20)
     parser.add_argument("--skip-training", action="store_true", help="reuse the models already in --workdir")
