@@ -7,6 +7,7 @@ import argparse
 import torch
 from transformers import TextStreamer
 
+from saisa.evaluation.scoring import chat_prompt
 from saisa.processing import SaisaProcessor, load_image
 
 
@@ -18,9 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def answer(model, processor, images, question: str, *, max_new_tokens: int = 64, stream: bool = False) -> str:
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}])
-    inputs = processor(prompt, images=images)
+    inputs = processor(chat_prompt(processor, question, len(images)), images=images)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,

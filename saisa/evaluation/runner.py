@@ -15,10 +15,10 @@ import string
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from saisa.evaluation.metrics import exact_match, extract_choice, pope_metrics, yes_no
+from saisa.evaluation.scoring import answer_batch
 from saisa.processing import load_image
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -75,7 +75,6 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start:start + size]
 
 
-@torch.no_grad()
 def generate_answers(model, processor, rows: list[dict], image_folder: str | Path | None, *, batch_size: int = 16,
                      max_new_tokens: int = 16, blind: bool = False, desc: str = "eval") -> list[dict]:
     """One record per row: prediction (or error) and score."""
@@ -93,16 +92,9 @@ def generate_answers(model, processor, rows: list[dict], image_folder: str | Pat
         prepared.append((row, image))
     results = []
     for batch in tqdm(list(_batches(prepared, batch_size)), desc=desc, unit="batch"):
-        prompts, images = [], []
-        for row, image in batch:
-            content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt_text(row)}]
-            prompts.append(processor.apply_chat_template([{"role": "user", "content": content}]))
-            if image is not None:
-                images.append(image)
-        inputs = processor(prompts, images=images or None)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=processor.tokenizer.pad_token_id)
-        texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = answer_batch(model, processor, [prompt_text(row) for row, _ in batch],
+                             [[image] if image is not None else [] for _, image in batch],
+                             max_new_tokens=max_new_tokens)
         for (row, _), text in zip(batch, texts):
             text = text.strip()
             results.append({"question_id": row.get("question_id"), "kind": question_kind(row), "prediction": text,
