@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,10 +25,15 @@ PROCESSOR_FILE = "saisa_processor.json"
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file as RGB, with an error that names the file."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL only warns up to twice MAX_IMAGE_PIXELS: a possible decompression bomb is refused either way
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ValueError(f"refusing image {path}: {error} (raise PIL.Image.MAX_IMAGE_PIXELS if genuine)") from None
     except (UnidentifiedImageError, OSError) as error:
         raise ValueError(f"cannot decode image {path}: {error}") from None
 

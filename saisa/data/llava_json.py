@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from saisa.data.templates import IMAGE, get_template, tokenize_with_labels
+from saisa.data.templates import IMAGE, get_template, tokenize_with_labels, turn_role, turn_text
 from saisa.processing import SaisaProcessor, load_image
 
 logger = logging.getLogger(__name__)
@@ -20,26 +20,56 @@ IGNORE_INDEX = -100
 
 @dataclass
 class DataStats:
-    truncated: int = 0
-    skipped_images: list[str] = field(default_factory=list)
+    """Kept per record index of the file, so a sample met again in a later epoch counts once."""
+
+    truncated_records: set[int] = field(default_factory=set)
+    skipped_images: dict[int, str] = field(default_factory=dict)  # record index -> the image error
+    skipped_records: dict[int, str] = field(default_factory=dict)  # record index -> what is wrong with the record
+
+    @property
+    def truncated(self) -> int:
+        return len(self.truncated_records)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_images) + len(self.skipped_records)
 
 
 class LlavaJsonDataset(Dataset):
+    """Records are checked when the file is loaded (no tokenisation, no image reads), so broken data fails before
+    training starts; with `skip_bad_images`, broken records and samples whose images cannot be read are skipped."""
+
     def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor: SaisaProcessor, *,
                  template: str, tokens_per_image: int, max_length: int = 2048, skip_bad_images: bool = False):
-        path = Path(json_path)
-        if not path.exists():
-            raise FileNotFoundError(f"training data not found: {path}")
-        self.records = json.loads(path.read_text())
-        if not isinstance(self.records, list):
-            raise ValueError(f"{path} must hold a JSON list of LLaVA records")
-        self.image_folder = Path(image_folder) if image_folder else path.parent
+        self.path = Path(json_path)
+        records = _read_records(self.path)
+        self.image_folder = Path(image_folder) if image_folder else self.path.parent
         self.processor = processor
         self.template = get_template(template, processor.tokenizer)
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
         self.skip_bad_images = skip_bad_images
         self.stats = DataStats()
+        self.records, self.record_indices = [], []  # usable records, and their indices in the file
+        for index, record in enumerate(records):
+            problem = _record_problem(record)
+            if problem is None:
+                self.records.append(record)
+                self.record_indices.append(index)
+            elif skip_bad_images:
+                self.stats.skipped_records[index] = problem
+            else:
+                raise ValueError(f"{self._where(index, record)}: {problem}")
+        if self.stats.skipped_records:
+            index, problem = next(iter(self.stats.skipped_records.items()))
+            logger.warning("skipping %d broken record(s), the first: %s: %s", len(self.stats.skipped_records),
+                           self._where(index, records[index]), problem)
+        if not self.records:
+            raise ValueError(f"{self.path}: none of its {len(records)} records is usable")
+        if not any(turn_role(t) == "assistant" and turn_text(t).strip() for r in self.records
+                   for t in r["conversations"]):
+            raise ValueError(f"{self.path}: no record has an assistant turn with text: nothing to learn "
+                             "(every sample's loss would be 0)")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -47,33 +77,37 @@ class LlavaJsonDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Cheap length estimates (no tokenisation, no image reads) for length-grouped batching."""
-        return [sum(len(_value(t)) for t in r["conversations"]) // 4 + len(_image_names(r)) * self.tokens_per_image
+        return [sum(len(turn_text(t)) for t in r["conversations"]) // 4 + len(_image_names(r)) * self.tokens_per_image
                 for r in self.records]
 
+    def _where(self, record_index: int, record) -> str:
+        has_id = isinstance(record, dict) and "id" in record
+        return f"{self.path}: record {record_index}" + (f", sample {record['id']}" if has_id else "")
+
     def __getitem__(self, index: int) -> dict:
-        for attempt in range(len(self)):  # with skip_bad_images, a bad sample hands over to the next one
-            record = self.records[(index + attempt) % len(self)]
+        for attempt in range(len(self)):  # with skip_bad_images, a sample with a bad image hands over to the next one
+            position = (index + attempt) % len(self)
+            record, record_index = self.records[position], self.record_indices[position]
             try:
                 images = [load_image(self.image_folder / name) for name in _image_names(record)]
             except (FileNotFoundError, ValueError) as error:
+                where = self._where(record_index, record)
                 if not self.skip_bad_images:
-                    raise type(error)(f"sample {record.get('id', index)}: {error}") from None
-                self.stats.skipped_images.append(str(error))
-                logger.warning("skipping sample %s: %s (%d skipped so far)", record.get("id", index), error,
-                               len(self.stats.skipped_images))
+                    raise type(error)(f"{where}: {error}") from None
+                if record_index not in self.stats.skipped_images:  # later epochs meet it again: count and warn once
+                    self.stats.skipped_images[record_index] = str(error)
+                    logger.warning("skipping %s: %s (%d skipped so far)", where, error, self.stats.skipped)
                 continue
-            return self._sample(record, images, index)
-        raise ValueError("every sample has a missing or unreadable image")
+            return self._sample(record, record_index, images)
+        raise ValueError(f"{self.path}: every usable record has a missing or unreadable image")
 
-    def _sample(self, record: dict, images: list, index: int) -> dict:
-        placeholders = sum(_value(t).count(IMAGE) for t in record["conversations"])
-        if placeholders != len(images):
-            raise ValueError(f"sample {record.get('id', index)}: {placeholders} {IMAGE} placeholder(s) but "
-                             f"{len(images)} image(s)")
+    def _sample(self, record: dict, record_index: int, images: list) -> dict:
         rendered = self.template.render(record["conversations"])
         ids, labels = tokenize_with_labels(rendered, self.processor.tokenizer, ignore_index=IGNORE_INDEX)
-        ids, labels, kept_images = self._truncate(ids, labels, len(images))
-        sample = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        kept_ids, kept_labels, kept_images = self._truncate(ids, labels, len(images))
+        if len(kept_ids) < len(ids):
+            self.stats.truncated_records.add(record_index)
+        sample = {"input_ids": torch.tensor(kept_ids), "labels": torch.tensor(kept_labels)}
         if kept_images:
             sample["pixel_values"] = self.processor.preprocess_images(images[:kept_images])
         return sample
@@ -89,13 +123,55 @@ class LlavaJsonDataset(Dataset):
                 break
             positions += width
             kept += token == image_id
-        if cut < len(ids):
-            self.stats.truncated += 1
         return ids[:cut], labels[:cut], min(kept, n_images)
 
 
-def _value(turn: dict) -> str:
-    return turn.get("value", turn.get("content", ""))
+def _read_records(path: Path) -> list:
+    if not path.exists():
+        raise FileNotFoundError(f"training data not found: {path}")
+    try:
+        records = json.loads(path.read_bytes())  # bytes: UTF-8/16/32 detected by json, not the locale's encoding
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: invalid JSON: {error}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a JSON list of LLaVA records")
+    if not records:
+        raise ValueError(f"{path}: the list of records is empty")
+    return records
+
+
+def _record_problem(record) -> str | None:
+    """What makes a record unusable, or None."""
+    if not isinstance(record, dict):
+        return f"a record must be a JSON object, got {_json_snippet(record)}"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return f"`conversations` must be a non-empty list of turns, got {_json_snippet(turns)}"
+    for number, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            return f"turn {number} must be a JSON object, got {_json_snippet(turn)}"
+        try:
+            role = turn_role(turn)
+        except ValueError as error:
+            return f"turn {number}: {error}"
+        if role == "system" and number > 0:
+            return f"turn {number}: a system turn may only come first"
+        if not isinstance(turn_text(turn), str):
+            return f"turn {number}: `value` must be a string, got {_json_snippet(turn_text(turn))}"
+    names = record.get("images", record.get("image", []))
+    if not isinstance(names, (str, list)) or not all(isinstance(name, str) for name in _image_names(record)):
+        return f"`image`/`images` must be a file name or a list of them, got {_json_snippet(names)}"
+    placeholders = sum(turn_text(t).count(IMAGE) for t in turns)
+    if placeholders != len(_image_names(record)):
+        return f"{placeholders} {IMAGE} placeholder(s) but {len(_image_names(record))} image(s)"
+    return None
+
+
+def _json_snippet(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _image_names(record: dict) -> list[str]:

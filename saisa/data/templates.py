@@ -22,7 +22,7 @@ class Rendered:
     assistant_spans: list[tuple[int, int]]  # [start, end) character spans that carry loss
 
 
-def _role(turn: dict) -> str:
+def turn_role(turn: dict) -> str:
     role = turn.get("from", turn.get("role"))
     if role in ("human", "user"):
         return "user"
@@ -33,7 +33,7 @@ def _role(turn: dict) -> str:
     raise ValueError(f"unknown conversation role {role!r}; expected human/gpt (or user/assistant)")
 
 
-def _text(turn: dict) -> str:
+def turn_text(turn: dict) -> str:
     return turn.get("value", turn.get("content"))
 
 
@@ -52,11 +52,11 @@ class Template:
 
     def render(self, turns: list[dict], *, add_generation_prompt: bool = False) -> Rendered:
         system = self.system
-        if turns and _role(turns[0]) == "system":
-            system, turns = _text(turns[0]), turns[1:]
+        if turns and turn_role(turns[0]) == "system":
+            system, turns = turn_text(turns[0]), turns[1:]
         text, spans = self.prefix.format(system=system), []
         for turn in turns:
-            role, content = _role(turn), _text(turn)
+            role, content = turn_role(turn), turn_text(turn)
             if role == "user":
                 text += self.user.format(content=content)
             elif role == "assistant":
@@ -80,11 +80,11 @@ class PlainTemplate:
     def render(self, turns: list[dict], *, add_generation_prompt: bool = False) -> Rendered:
         text, spans = "", []
         for turn in turns:
-            if _role(turn) == "user":
-                text += IMAGE * _text(turn).count(IMAGE)
-            elif _role(turn) == "assistant":
+            if turn_role(turn) == "user":
+                text += IMAGE * turn_text(turn).count(IMAGE)
+            elif turn_role(turn) == "assistant":
                 start = len(text)
-                text += _text(turn) + "\n"
+                text += turn_text(turn) + "\n"
                 spans.append((start, len(text)))
         return Rendered(text, spans)
 
@@ -104,7 +104,7 @@ class TokenizerTemplate:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def render(self, turns: list[dict], *, add_generation_prompt: bool = False) -> Rendered:
-        messages = [{"role": _role(t), "content": _text(t)} for t in turns]
+        messages = [{"role": turn_role(t), "content": turn_text(t)} for t in turns]
         spans, previous = [], ""
         for i, message in enumerate(messages):
             if message["role"] == "assistant":

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -43,8 +46,65 @@ def resolve_recipe(name_or_path: str) -> Path:
     raise FileNotFoundError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe ({', '.join(names)})")
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `2e-4` and `1E5` as floats: YAML 1.1 wants a dot (`2.0e-4`), else a string."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+# Every key a recipe may hold, per section; `training` also takes every TrainingArguments field (`recipe_keys`).
+TOP_LEVEL_KEYS = {"stage", "architecture", "output_dir", "model", "data", "lora", "training", "freeze_llm",
+                  "expand_shared_projector"}
+MODEL_KEYS = {"init", "llm", "vision", "image_size", "shared_projector", "template"}
+DATA_KEYS = {"train", "image_folder", "template", "max_length", "skip_bad_images"}
+# Read by run_training itself; not TrainingArguments fields in every supported transformers release.
+TRAINING_EXTRA_KEYS = {"group_by_length", "activation_checkpointing", "activation_checkpointing_kwargs"}
+
+
+def recipe_keys() -> dict[str, set[str]]:
+    """Valid keys per section ("" = top level)."""
+    from transformers import TrainingArguments
+
+    training = {f.name for f in dataclasses.fields(TrainingArguments)} | set(TRAINING_DEFAULTS) | TRAINING_EXTRA_KEYS
+    return {"": TOP_LEVEL_KEYS, "model": MODEL_KEYS, "data": DATA_KEYS,
+            "lora": {f.name for f in dataclasses.fields(LoraSettings)}, "training": training}
+
+
+def validate_recipe(recipe: dict) -> None:
+    """Unknown keys are errors naming the nearest valid one: a typo would otherwise be silently ignored."""
+    valid = recipe_keys()
+    problems = _unknown_keys(recipe, valid[""], "")
+    for section in ("model", "data", "lora", "training"):
+        if section not in recipe:
+            continue
+        if not isinstance(recipe[section], dict):
+            problems.append(f"recipe `{section}` must be a mapping of keys, got {recipe[section]!r}")
+            continue
+        problems += _unknown_keys(recipe[section], valid[section], f"{section}.")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def _unknown_keys(node: dict, valid: set[str], prefix: str) -> list[str]:
+    problems = []
+    for key in node:
+        if key in valid:
+            continue
+        nearest = difflib.get_close_matches(str(key), valid, n=1)
+        if nearest:
+            hint = f"did you mean `{prefix}{nearest[0]}`?"
+        elif prefix == "training.":
+            hint = f"`training` takes TrainingArguments fields and {', '.join(sorted(TRAINING_EXTRA_KEYS))}"
+        else:
+            hint = f"valid here: {', '.join(sorted(valid))}"
+        problems.append(f"unknown recipe key `{prefix}{key}`; {hint}")
+    return problems
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict:
-    recipe = yaml.safe_load(resolve_recipe(str(path)).read_text()) if path else {}
+    recipe = yaml.load(resolve_recipe(str(path)).read_text(), Loader=RecipeLoader) if path else {}
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must be a YAML mapping")
     for item in overrides:
@@ -53,9 +113,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict:
         key, raw = item.split("=", 1)
         node = recipe
         *parents, leaf = key.split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: `{'.'.join(parents[:depth + 1])}` is {node!r}, not a mapping")
+        node[leaf] = yaml.load(raw, Loader=RecipeLoader)
+    validate_recipe(recipe)
     return recipe
 
 
@@ -165,11 +228,11 @@ def run_training(recipe: dict, *, resume: bool = False) -> Path:
         final.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         report = {"stage": stage, "architecture": architecture, "samples": len(dataset),
-                  "truncated_samples": dataset.stats.truncated, "skipped_samples": len(dataset.stats.skipped_images),
+                  "truncated_samples": dataset.stats.truncated, "skipped_samples": dataset.stats.skipped,
                   "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),
                   "losses": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]}
         (output_dir / "training_report.json").write_text(json.dumps(report, indent=2))
         print(f"truncated {dataset.stats.truncated} sample(s) to {dataset.max_length} positions; "
-              f"skipped {len(dataset.stats.skipped_images)} sample(s) with bad images")
+              f"skipped {dataset.stats.skipped} sample(s) with a bad image or a broken record")
         print(f"saved the trained model and its processor to {output_dir}")
     return output_dir
