@@ -10,6 +10,7 @@ from reference import reference_logits
 from transformers import AutoModelForCausalLM, TextIteratorStreamer
 
 from saisa import SaisaConfig, SaisaForConditionalGeneration
+from saisa.compat import output_cache
 
 ARCHS = ["saisa", "llava", "naavit"]
 FAMILIES = ["llama", "qwen2", "qwen3"]
@@ -89,7 +90,7 @@ def test_incremental_decoding_equals_full_forward(arch):
     continuation = torch.tensor([[12, 13, 14, 15], [16, 17, 18, 19]])
     with torch.no_grad():
         out = model(ids, pixel_values=px, attention_mask=mask, use_cache=True)
-        cache = out.cache
+        cache = output_cache(out)
         for step in range(continuation.shape[1]):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
             out = model(continuation[:, step:step + 1], attention_mask=mask, cache=cache, use_cache=True)
@@ -253,7 +254,7 @@ def test_save_load_with_tied_embeddings(tmp_path):
 def test_gradients_reach_every_projector_and_the_llm(checkpointing):
     model = tiny_model("saisa").train()
     if checkpointing:
-        model.activation_checkpointing_enable()
+        model.gradient_checkpointing_enable()
     ids = torch.tensor([[5, I, 6, 7, 8], [I, 9, 10, 11, 12]])
     out = model(ids, pixel_values=images(2), labels=ids)
     out.loss.backward()
@@ -268,7 +269,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = tiny_model("saisa").train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            model.gradient_checkpointing_enable()
         model(ids, pixel_values=images(2), labels=ids).loss.backward()
         grads.append(model.layer_projectors[1].linear_1.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from saisa.compat import output_cache
+
 MODELS = ("saisa", "llava", "hf-llava")
 
 
@@ -95,7 +97,7 @@ def prefill(model, ids, pixels):
 
 def decode(model, ids, pixels, steps: int):
     token, out = prefill(model, ids, pixels)
-    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cache = output_cache(out)
     mask = torch.ones(1, ids.shape[1], dtype=torch.long, device=ids.device)
 
     def run():

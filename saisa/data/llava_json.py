@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,9 +182,14 @@ def _image_names(record: dict) -> list[str]:
 
 @dataclass
 class Collator:
-    """Right-pads a batch for training; images of all samples concatenated in order."""
+    """Right-pads a batch for training; images of all samples concatenated in order.
+
+    `loss_labels` (the model's `loss_labels`) masks the labels no query predicts, so the Trainer's label count for
+    `num_items_in_batch` equals the loss's own count.
+    """
 
     pad_token_id: int
+    loss_labels: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, samples: list[dict]) -> dict:
         width = max(len(s["input_ids"]) for s in samples)
@@ -193,6 +199,8 @@ class Collator:
         for row, sample in enumerate(samples):
             n = len(sample["input_ids"])
             ids[row, :n], labels[row, :n], mask[row, :n] = sample["input_ids"], sample["labels"], 1
+        if self.loss_labels is not None:
+            labels = self.loss_labels(ids, mask, labels)
         batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
         pixels = [s["pixel_values"] for s in samples if "pixel_values" in s]
         if pixels:

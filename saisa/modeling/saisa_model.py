@@ -19,6 +19,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from saisa.backbones import decoder_family
+from saisa.compat import CACHE_KWARG
 from saisa.configuration_saisa import SaisaConfig
 from saisa.modeling.attention import VISUAL_KV_KWARG, saisa_attention_name
 from saisa.modeling.image_kv_cache import ImageKVCache, image_key
@@ -36,6 +37,7 @@ class SaisaPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    accepts_loss_kwargs = True  # forward normalises by `num_items_in_batch` (transformers' Trainer contract)
     _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -171,10 +173,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         position_ids: torch.Tensor | None = None,  # ignored: positions follow from the images' places
+        num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """input_ids (B, T) with `image_token_id` once per image; pixel_values (N, 3, S, S), every image of the batch
-        in order; attention_mask (B, T) or (B, cached + T) for the new tokens (1 = real, 0 = padding)."""
+        in order; attention_mask (B, T) or (B, cached + T) for the new tokens (1 = real, 0 = padding).
+
+        num_items_in_batch: the number of label tokens in the whole optimizer step (all micro-batches, all ranks), as
+        transformers' Trainer passes it; the loss is then the step's token mean however the step is split."""
         cache = cache if cache is not None else past_key_values
         if use_cache is None:
             use_cache = cache is not None or (not self.training and self.config.text_config.use_cache)
@@ -214,8 +220,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if self.config.architecture == "saisa":
             # A visual token issues no query, so nothing predicts the token after an image: uniform logits.
             logits = logits.masked_fill(is_image[..., None], 0.0)
-        loss = self._loss(logits, labels, seq) if labels is not None else None
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
+        loss = self._loss(logits, labels, input_ids, attention_mask, num_items_in_batch) if labels is not None else None
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: cache if use_cache else None})
 
     def _forward_saisa(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, image_kv, text_embeds,
                        cache, use_cache) -> torch.Tensor:
@@ -261,17 +267,32 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
 
     def _decoder(self, embeds, mask, positions, cache, use_cache, **extra) -> torch.Tensor:
         decoder = self.family.decoder(self.language_model)
-        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                      cache=cache if use_cache else None, use_cache=use_cache, **extra)
+        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=use_cache,
+                      **{CACHE_KWARG: cache if use_cache else None}, **extra)
         return out.last_hidden_state
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, seq: SequenceLayout) -> torch.Tensor:
-        """Next-token cross-entropy in input_ids' layout; images and padding carry no label."""
-        labels = labels.masked_fill(seq.is_image | ~(seq.text_attendable | seq.is_image), IGNORE_INDEX)
-        targets = labels[:, 1:]
-        if self.config.architecture == "saisa":  # no query predicts the first token after an image
-            targets = targets.masked_fill(seq.is_image[:, :-1], IGNORE_INDEX)
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    def loss_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B, T) with IGNORE_INDEX wherever no query predicts the token: column 0, padding, image placeholders
+        and, in SAISA, the token right after an image (a visual token issues no query).
+
+        The training collator applies this too, so the label count transformers' Trainer takes for
+        `num_items_in_batch` is exactly the count the loss averages over.
+        """
+        is_image = input_ids == self.config.image_token_id
+        ignore = is_image | ~attention_mask.bool()
+        ignore[:, 0] = True
+        if self.config.architecture == "saisa":
+            ignore[:, 1:] |= is_image[:, :-1]
+        return labels.masked_fill(ignore, IGNORE_INDEX)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        """Next-token cross-entropy in input_ids' layout, summed, over the step's label count (or this batch's)."""
+        targets = self.loss_labels(input_ids, attention_mask, labels)[:, 1:]  # (B, T-1), target of column j is j+1
+        total = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                reduction="sum")
+        count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
+        return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 
     # -- validation ----------------------------------------------------------------------------------------------------
     def _cached_layout(self, cache: Cache | None, batch: int, device: torch.device) -> KeyLayout:
@@ -304,14 +325,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             )
 
     # -- generation ----------------------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, attention_mask=None,
                                       pixel_values=None, is_first_iteration=False, **kwargs):
-        layout = getattr(cache, "saisa_layout", None) if cache is not None else None
+        layout = getattr(kwargs.get(CACHE_KWARG), "saisa_layout", None)
         if layout is not None:
             # The cache also holds visual keys, so its length is not a count of input_ids columns; the layout is.
             input_ids, next_sequence_length = input_ids[:, layout.num_input_tokens:], None
         inputs = super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, cache=cache, attention_mask=attention_mask,
+            input_ids, next_sequence_length=next_sequence_length, attention_mask=attention_mask,
             is_first_iteration=is_first_iteration, **kwargs,
         )
         new_ids = inputs["input_ids"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from saisa.compat import CACHE_KWARG, output_cache
+
 
 class ChatSession:
     def __init__(self, model, processor, *, max_new_tokens: int = 256):
@@ -29,7 +31,7 @@ class ChatSession:
                  and torch.equal(ids[:, : self.ids.shape[1]], self.ids))
         if reuse:
             new_images = full["pixel_values"][len(self.images):] if images else None
-            kwargs = {"cache": self.cache, "pixel_values": new_images}
+            kwargs = {CACHE_KWARG: self.cache, "pixel_values": new_images}
             self.last_new_tokens = ids.shape[1] - self.ids.shape[1]
         else:  # first turn, or the template re-rendered earlier turns differently: start over
             kwargs = {"pixel_values": full.get("pixel_values")}
@@ -39,7 +41,7 @@ class ChatSession:
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
                 do_sample=do_sample, streamer=streamer, return_dict_in_generate=True,
                 pad_token_id=self.processor.tokenizer.pad_token_id, **kwargs)
-        self.ids, self.cache = out.sequences, out.cache
+        self.ids, self.cache = out.sequences, output_cache(out)
         self.images += images
         answer = self.processor.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": answer})

@@ -171,6 +171,7 @@ def run_training(recipe: dict, *, resume: bool = False) -> Path:
     """Train one stage; writes checkpoints, then the final `from_pretrained` folder (model + processor + loss.png)."""
     from transformers import TrainingArguments, set_seed
 
+    from saisa.compat import training_arguments
     from saisa.data import Collator, LlavaJsonDataset
     from saisa.training.trainer import LossCurveCallback, SaisaTrainer, ThroughputCallback, last_complete_checkpoint
 
@@ -211,9 +212,10 @@ def run_training(recipe: dict, *, resume: bool = False) -> Path:
     if settings.get("activation_checkpointing"):
         # non-reentrant: with a frozen LLM the checkpointed layers' inputs need no grad, yet projector grads must flow
         settings.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
-    args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, use_cpu=not on_gpu, **settings)
+    args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, use_cpu=not on_gpu,
+                             **training_arguments(settings))
     trainer = SaisaTrainer(model=trainable, args=args, train_dataset=dataset,
-                           data_collator=Collator(processor.tokenizer.pad_token_id), lengths=dataset.lengths,
+                           data_collator=Collator(processor.tokenizer.pad_token_id, model.loss_labels), lengths=dataset.lengths,
                            callbacks=[ThroughputCallback(), LossCurveCallback()])
     checkpoint = last_complete_checkpoint(output_dir) if resume else None
     if resume:
