@@ -1,8 +1,10 @@
 """Attention functions that prepend one layer's visual K/V to the text K/V (SAISA's training path).
 
 With a KV cache the visual K/V simply sit in the cache. Without one (training, where gradient checkpointing drops
-caches) they travel as the `saisa_visual_kv` keyword, which transformers forwards untouched from the decoder's
-`forward` to the registered attention function; `module.layer_idx` picks the layer's entry.
+caches) the `saisa_visual_kv` keyword, which transformers forwards untouched from the decoder's `forward` to the
+registered attention function, carries a function of the layer index: each layer computes its own visual K/V inside
+its own forward, where FSDP and ZeRO-3 have gathered that layer's parameters, and activation checkpointing recomputes
+them instead of keeping them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def _with_visual_kv(inner):
     def attention(module, query, key, value, attention_mask, **kwargs):
         visual_kv = kwargs.pop(VISUAL_KV_KWARG, None)
         if visual_kv is not None:
-            visual_keys, visual_values = visual_kv[module.layer_idx]  # (B, kv_heads, Vb, head_dim) each
+            visual_keys, visual_values = visual_kv(module.layer_idx)  # (B, kv_heads, Vb, head_dim) each
             key = torch.cat([visual_keys, key], dim=2)
             value = torch.cat([visual_values, value], dim=2)
         return inner(module, query, key, value, attention_mask, **kwargs)

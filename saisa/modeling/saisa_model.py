@@ -9,6 +9,8 @@ Reading guide (SAISA.md §3):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -119,34 +121,39 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             return self.layer_projectors[layer](features)
         return self.projector(features)
 
-    def visual_keys_values(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, keys (before RoPE) and values of every image: (N, kv_heads, v, head_dim) each.
+    def visual_keys_values(self, features: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer_idx`'s keys (before RoPE) and values of every image, (N, kv_heads, v, head_dim) each.
 
         They depend on the image alone, which is what makes them cacheable by image content.
         """
-        layers = self.family.layers(self.language_model)
-        return [self.family.visual_keys_values(layer, self.project_visual_features(features, i))
-                for i, layer in enumerate(layers)]
+        layer = self.family.layers(self.language_model)[layer_idx]
+        return self.family.visual_keys_values(layer, self.project_visual_features(features, layer_idx))
 
-    def image_keys_values(self, pixel_values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, keys (before RoPE) and values of every image, (N, kv_heads, v, head_dim) each, served from the
-        image KV cache where possible (never while training with gradients)."""
+    def image_keys_values(self, pixel_values: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+        """layer index -> that layer's keys (before RoPE) and values of every image, (N, kv_heads, v, head_dim) each.
+
+        Computed when a layer asks, so in training each layer's visual K/V are made inside that layer's own forward
+        (where FSDP and ZeRO-3 have gathered its parameters; one layer's exist at a time). With an image KV cache
+        (inference only) every layer's are served per image from the cache where possible.
+        """
         cache = self.image_kv_cache
         if cache is None or (self.training and torch.is_grad_enabled()):
-            return self.visual_keys_values(self.encode_images(pixel_values))
+            return partial(self.visual_keys_values, self.encode_images(pixel_values))
         self._check_pixel_values(pixel_values)
+        num_layers = len(self.family.layers(self.language_model))
         keys = [image_key(p) for p in pixel_values]
         per_image = [cache.get(key) for key in keys]
         missing = [i for i, found in enumerate(per_image) if found is None]
         if missing:
-            fresh = self.visual_keys_values(self.encode_images(pixel_values[missing]))
+            features = self.encode_images(pixel_values[missing])
+            fresh = [self.visual_keys_values(features, layer) for layer in range(num_layers)]
             for j, i in enumerate(missing):
                 per_image[i] = [(k[j], v[j]) for k, v in fresh]
                 cache.put(keys[i], per_image[i])
         if len(per_image) == 1:  # views, no copy
-            return [(k[None], v[None]) for k, v in per_image[0]]
-        return [(torch.stack([image[layer][0] for image in per_image]),
-                 torch.stack([image[layer][1] for image in per_image])) for layer in range(len(per_image[0]))]
+            return lambda layer: (per_image[0][layer][0][None], per_image[0][layer][1][None])
+        return lambda layer: (torch.stack([image[layer][0] for image in per_image]),
+                              torch.stack([image[layer][1] for image in per_image]))
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, v, d_vis) patch features."""
@@ -231,18 +238,19 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             first_query_key=prior.positions.shape[1] + seq.block_size, no_visual_to_visual=False,
             dtype=text_embeds.dtype,
         )
-        visual_kv = []
-        if image_kv is not None:
-            for k, v in image_kv:  # (N, kv_heads, v, head_dim) each
-                k = seq.scatter_images(k.transpose(1, 2)).transpose(1, 2)  # (B, kv_heads, Vb, head_dim)
-                v = seq.scatter_images(v.transpose(1, 2)).transpose(1, 2)
-                visual_kv.append((self.family.rotate_keys(self.language_model, k, seq.visual_positions), v))
+
+        def layer_visual_kv(layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+            k, v = image_kv(layer_idx)  # (N, kv_heads, v, head_dim) each
+            k = seq.scatter_images(k.transpose(1, 2)).transpose(1, 2)  # (B, kv_heads, Vb, head_dim)
+            v = seq.scatter_images(v.transpose(1, 2)).transpose(1, 2)
+            return self.family.rotate_keys(self.language_model, k, seq.visual_positions), v
+
         extra = {}
-        if use_cache:
-            for layer_idx, (k, v) in enumerate(visual_kv):
-                cache.update(k, v, layer_idx)
-        elif visual_kv:
-            extra[VISUAL_KV_KWARG] = visual_kv
+        if image_kv is not None and use_cache:  # a KV prefix: the cache holds every layer's visual K/V before the text
+            for layer_idx in range(len(self.family.layers(self.language_model))):
+                cache.update(*layer_visual_kv(layer_idx), layer_idx)
+        elif image_kv is not None:  # each layer asks for its own, inside its forward (saisa.modeling.attention)
+            extra[VISUAL_KV_KWARG] = layer_visual_kv
         return self._decoder(text_embeds, mask, seq.text_positions, cache, use_cache, **extra)
 
     def _forward_embedding_space(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, features,

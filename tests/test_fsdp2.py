@@ -1,0 +1,23 @@
+"""FSDP2 `fully_shard` on each decoder layer of the LLM, then on the root, trains SAISA exactly as the unsharded
+model does (2 CPU ranks under torchrun, gloo): the visual K/V of a layer are computed inside that layer's forward,
+where FSDP has gathered its parameters. The checks run in tests/fsdp2_worker.py on every rank."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_fully_shard_per_decoder_layer_matches_unsharded_training(checkpointing):
+    here = Path(__file__).parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(here / "fsdp2_worker.py"), *(["--checkpointing"] if checkpointing else [])]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=here,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert run.stdout.count("match unsharded") == 2, run.stdout
