@@ -321,3 +321,19 @@ def test_error_sequence_too_long():
 def test_error_unknown_architecture():
     with pytest.raises(ValueError, match="architecture must be one of"):
         SaisaConfig(architecture="flamingo")
+
+
+@pytest.mark.parametrize("arch", ["saisa", "llava", "naavit"])
+@pytest.mark.parametrize("training", [False, True], ids=["prefill+decode", "training"])
+def test_every_input_reaches_the_models_device(arch, training):
+    """The model on the `meta` device, every input on the CPU (as a user's batch on the host, or generate()'s
+    pixel_values): any input left behind makes an op mix devices and raise."""
+    model = tiny_model(arch).to("meta").train(training)
+    ids = torch.tensor([[3, I, 6, 7, 8], [0, 3, 6, I, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=images(2), labels=ids, use_cache=not training)
+    assert out.logits.device.type == "meta" and out.loss.device.type == "meta"
+    if not training:
+        step = model(input_ids=torch.tensor([[5], [5]]), attention_mask=torch.cat([mask, mask[:, :1]], 1),
+                     past_key_values=output_cache(out), use_cache=True)
+        assert step.logits.shape == (2, 1, 120) and step.logits.device.type == "meta"

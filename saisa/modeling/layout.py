@@ -13,9 +13,15 @@ NAAViT removes visual-to-visual pairs (a visual query still sees itself); SAISA 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
+
+
+def _to_device(layout, device: torch.device):
+    """A copy of a layout dataclass with every tensor on `device`."""
+    return replace(layout, **{f.name: getattr(layout, f.name).to(device) for f in fields(layout)
+                              if isinstance(getattr(layout, f.name), torch.Tensor)})
 
 
 @dataclass
@@ -33,6 +39,9 @@ class SequenceLayout:
     next_position: torch.Tensor  # (B,) first position after this call's tokens
     tokens_per_image: int
 
+    def to(self, device: torch.device) -> "SequenceLayout":
+        return _to_device(self, device)
+
     @property
     def num_images(self) -> int:
         return int(self.image_batch_index.numel())
@@ -47,7 +56,7 @@ class SequenceLayout:
         if self.num_images == batch and block == self.tokens_per_image:  # one image per sample: already in place
             return per_image
         out = per_image.new_zeros(batch, block, *per_image.shape[2:])
-        slots = self.image_first_slot[:, None] + torch.arange(self.tokens_per_image, device=per_image.device)  # (N, v)
+        slots = self.image_first_slot[:, None] + torch.arange(self.tokens_per_image, device=self.image_first_slot.device)  # (N, v)
         out[self.image_batch_index[:, None], slots] = per_image
         return out
 
@@ -61,6 +70,9 @@ class KeyLayout:
     is_visual: torch.Tensor  # (B, K)
     next_position: torch.Tensor  # (B,)
     num_input_tokens: int  # input_ids columns consumed so far
+
+    def to(self, device: torch.device) -> "KeyLayout":
+        return _to_device(self, device)
 
     @classmethod
     def empty(cls, batch: int, device: torch.device) -> "KeyLayout":

@@ -156,9 +156,10 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                               torch.stack([image[layer][1] for image in per_image]))
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, v, d_vis) patch features."""
+        """(N, 3, S, S) -> (N, v, d_vis) patch features, on the vision encoder's device and in its dtype."""
         self._check_pixel_values(pixel_values)
-        return self.vision_tower(pixel_values)
+        weight = next(self.vision_tower.parameters())
+        return self.vision_tower(pixel_values.to(device=weight.device, dtype=weight.dtype))
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         size = self.vision_tower.preprocessing.image_size
@@ -203,10 +204,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
 
+        layout_after = prior.extend(seq)  # kept on the inputs' device, where the next call's layout is computed
+        # The layout is computed where input_ids are; the modules get everything on their own device.
+        device = self.get_input_embeddings().weight.device
+        seq, keys = seq.to(device), layout_after.to(device)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+
         text_ids = input_ids.masked_fill(seq.is_image, 0)  # the placeholder id need not be in the vocabulary
         text_embeds = self.get_input_embeddings()(text_ids)  # (B, T, h)
-        keys = prior.extend(seq)
-
         if not seq.num_images and prior.positions.shape[1] == 0:
             # Text only, nothing cached: exactly the bare LLM.
             hidden = self._decoder(text_embeds, attention_mask, seq.text_positions, cache, use_cache)
@@ -218,7 +223,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             hidden = self._forward_embedding_space(seq, keys, prior, features, text_embeds, cache, use_cache)
 
         if cache is not None:
-            cache.saisa_layout = keys
+            cache.saisa_layout = layout_after
         if logits_to_keep:
             hidden, is_image = hidden[:, -logits_to_keep:], seq.is_image[:, -logits_to_keep:]
         else:
@@ -227,7 +232,9 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if self.config.architecture == "saisa":
             # A visual token issues no query, so nothing predicts the token after an image: uniform logits.
             logits = logits.masked_fill(is_image[..., None], 0.0)
-        loss = self._loss(logits, labels, input_ids, attention_mask, num_items_in_batch) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels.to(logits.device), input_ids, attention_mask, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: cache if use_cache else None})
 
     def _forward_saisa(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, image_kv, text_embeds,
