@@ -4,34 +4,32 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from transformers import TextStreamer
-
-from saisa.evaluation.scoring import chat_prompt
-from saisa.processing import SaisaProcessor, load_image
+from saisa.loading import add_device_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="folder written by save_pretrained (model + processor)")
+    parser.add_argument("model", help="a saved model folder (ours, LLaVA-1.5, llava-hf or an authors' SAISA release)")
     parser.add_argument("question")
     parser.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    add_device_arguments(parser)
 
 
 def answer(model, processor, images, question: str, *, max_new_tokens: int = 64, stream: bool = False) -> str:
-    inputs = processor(chat_prompt(processor, question, len(images)), images=images)
+    from transformers import TextStreamer
+
+    from saisa.generation import answer_batch
+
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                             pad_token_id=processor.tokenizer.pad_token_id)
-    return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return answer_batch(model, processor, [question], [images], max_new_tokens=max_new_tokens,
+                        streamer=streamer)[0].strip()
 
 
 def run(args: argparse.Namespace) -> int:
-    from saisa import SaisaForConditionalGeneration
+    from saisa.loading import load_pretrained
+    from saisa.processing import load_image
 
-    model = SaisaForConditionalGeneration.from_pretrained(args.model).eval()
-    processor = SaisaProcessor.from_pretrained(args.model)
+    model, processor = load_pretrained(args.model, device=args.device, dtype=args.dtype)
     answer(model, processor, [load_image(p) for p in args.image], args.question,
            max_new_tokens=args.max_new_tokens, stream=True)
     return 0

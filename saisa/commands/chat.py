@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from saisa.loading import add_device_arguments
+
 HELP = "commands: /image PATH (attach to the next message), /reset, /quit"
 
 
@@ -13,6 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a saved model folder (model + processor)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    add_device_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,9 +23,9 @@ def run(args: argparse.Namespace) -> int:
 
     from saisa.processing import load_image
     from saisa.serving.chat import ChatSession
-    from saisa.serving.session import load_for_inference
+    from saisa.loading import load_pretrained
 
-    model, processor = load_for_inference(args.model)
+    model, processor = load_pretrained(args.model, device=args.device, dtype=args.dtype, image_cache_mib=1024)
     session = ChatSession(model, processor, max_new_tokens=args.max_new_tokens)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     pending = []

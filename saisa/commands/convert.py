@@ -20,12 +20,13 @@ def run(args: argparse.Namespace) -> int:
     from saisa.interop import detect_layout, export_llava_hf, load_foreign, processor_for_foreign
 
     if args.to == "llava-hf":
-        from saisa import SaisaForConditionalGeneration
-        from saisa.processing import SaisaProcessor
+        import torch
 
-        model = SaisaForConditionalGeneration.from_pretrained(args.source)
+        from saisa.loading import load_pretrained
+
+        model, processor = load_pretrained(args.source, device="cpu", dtype=torch.float32)
         export_llava_hf(model, args.destination)
-        SaisaProcessor.from_pretrained(args.source).tokenizer.save_pretrained(args.destination)
+        processor.tokenizer.save_pretrained(args.destination)
         print(f"wrote {args.destination} (transformers LlavaForConditionalGeneration layout)")
         return 0
     layout = detect_layout(args.source)

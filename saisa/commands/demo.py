@@ -41,10 +41,9 @@ def run(args: argparse.Namespace) -> int:
 def run_pipeline(arch: str, work: Path, *, align_per_class: int = 200, instruct_per_class: int = 200,
                  test_per_class: int = 50, lora_r: int = 16, seed: int = 0) -> dict:
     """Prepare data, train align then instruct, evaluate with and without the image; returns the report."""
-    from saisa import SaisaForConditionalGeneration
     from saisa.data.fashion_mnist import prepare
     from saisa.evaluation import evaluate
-    from saisa.processing import SaisaProcessor
+    from saisa.loading import load_pretrained
     from saisa.training import load_recipe, run_training
 
     timings, start = {}, time.perf_counter()
@@ -66,8 +65,7 @@ def run_pipeline(arch: str, work: Path, *, align_per_class: int = 200, instruct_
         f"lora.r={lora_r}"]))
     timings["instruct_s"] = time.perf_counter() - stage_start
 
-    model = SaisaForConditionalGeneration.from_pretrained(instruct).eval()
-    processor = SaisaProcessor.from_pretrained(instruct)
+    model, processor = load_pretrained(instruct)
     stage_start = time.perf_counter()
     eval_dir = work / f"{arch}-eval"
     seen = evaluate(model, processor, data["test"], work / "data", out_dir=eval_dir, batch_size=32, max_new_tokens=8)

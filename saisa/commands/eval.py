@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from saisa.loading import add_device_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a saved model folder (model + processor)")
@@ -14,17 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--blind", action="store_true", help="ask without the images (a language-prior baseline)")
+    add_device_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from saisa import SaisaForConditionalGeneration
     from saisa.evaluation import evaluate
-    from saisa.processing import SaisaProcessor
+    from saisa.loading import load_pretrained
 
-    model = SaisaForConditionalGeneration.from_pretrained(args.model).eval()
-    processor = SaisaProcessor.from_pretrained(args.model)
+    model, processor = load_pretrained(args.model, device=args.device, dtype=args.dtype)
     out = args.out or str(Path(args.model) / "eval")
     metrics = evaluate(model, processor, args.questions, args.image_folder, out_dir=out, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, blind=args.blind)

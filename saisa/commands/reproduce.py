@@ -56,24 +56,23 @@ def measure_inference(reports: dict, prompts: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from saisa import SaisaForConditionalGeneration
     from saisa.evaluation.runner import load_questions
-    from saisa.evaluation.scoring import chat_prompt
     from saisa.flops import dims_from_config, prefill_flops
-    from saisa.processing import SaisaProcessor, load_image
+    from saisa.generation import user_prompt
+    from saisa.loading import load_pretrained
+    from saisa.processing import load_image
 
     loaded = {}
     for arch in ARCHS:
         folder = reports[arch]["model"]
-        loaded[arch] = (SaisaForConditionalGeneration.from_pretrained(folder).eval(),
-                        SaisaProcessor.from_pretrained(folder))
+        loaded[arch] = load_pretrained(folder)
     test = reports["saisa"]["data"]["test"]
     rows = load_questions(test)[:prompts]
     folder = Path(test).parent
     out = {arch: {"ttft_s": []} for arch in ARCHS}
     inputs = {}
     for arch, (model, processor) in loaded.items():
-        inputs[arch] = [processor(chat_prompt(processor, row["text"], 1), images=[load_image(folder / row["image"])])
+        inputs[arch] = [processor(user_prompt(processor, row["text"], 1), images=[load_image(folder / row["image"])])
                         for row in rows]
         first = inputs[arch][0]
         text_tokens = int(first["input_ids"].shape[1])  # includes the one placeholder token

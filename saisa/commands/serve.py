@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from saisa.loading import add_device_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="a saved model folder (model + processor)")
@@ -20,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--image-cache-mib", type=int, default=1024, help="image KV cache budget (0: off)")
+    add_device_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,9 +30,10 @@ def run(args: argparse.Namespace) -> int:
 
     from saisa.serving.protocol import ServerLimits
     from saisa.serving.server import create_app
-    from saisa.serving.session import load_for_inference
+    from saisa.loading import load_pretrained
 
-    model, processor = load_for_inference(args.model, image_cache_mib=args.image_cache_mib)
+    model, processor = load_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                       image_cache_mib=args.image_cache_mib)
     limits = ServerLimits(max_image_bytes=args.max_image_bytes, max_tokens=args.max_tokens,
                           allowed_image_dir=Path(args.allow_local_images) if args.allow_local_images else None)
     name = args.model_name or Path(args.model).resolve().name

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from saisa.evaluation.metrics import exact_match, extract_choice, pope_metrics, yes_no
-from saisa.evaluation.scoring import answer_batch
+from saisa.generation import answer_batch
 from saisa.processing import load_image
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."

@@ -7,7 +7,8 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
-from saisa.evaluation.scoring import answer_batch, continuation_loglikelihood
+from saisa.evaluation.scoring import continuation_loglikelihood
+from saisa.generation import answer_batch
 
 
 def _visuals(doc_to_visual, doc) -> list:
@@ -16,11 +17,12 @@ def _visuals(doc_to_visual, doc) -> list:
 
 
 class SaisaLMM(lmms):
-    def __init__(self, pretrained: str, batch_size: int | str = 8, device: str | None = None, **kwargs) -> None:
+    def __init__(self, pretrained: str, batch_size: int | str = 8, device: str | None = None, dtype: str | None = None,
+                 **kwargs) -> None:
         super().__init__()
-        from saisa.serving.session import load_for_inference
+        from saisa.loading import load_pretrained
 
-        self.model, self.processor = load_for_inference(pretrained, device=device)
+        self.model, self.processor = load_pretrained(pretrained, device=device, dtype=dtype)
         self.batch_size_per_gpu = int(batch_size)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from saisa.compat import CACHE_KWARG, output_cache
+from saisa.generation import generate_kwargs
 
 
 class ChatSession:
@@ -36,11 +37,11 @@ class ChatSession:
         else:  # first turn, or the template re-rendered earlier turns differently: start over
             kwargs = {"pixel_values": full.get("pixel_values")}
             self.last_new_tokens = ids.shape[1]
+        settings = generate_kwargs(self.model, self.processor, max_new_tokens=self.max_new_tokens,
+                                   temperature=1.0 if do_sample else 0.0, streamer=streamer)
         with torch.no_grad():
-            out = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                do_sample=do_sample, streamer=streamer, return_dict_in_generate=True,
-                pad_token_id=self.processor.tokenizer.pad_token_id, **kwargs)
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True,
+                                      **settings, **kwargs)
         self.ids, self.cache = out.sequences, output_cache(out)
         self.images += images
         answer = self.processor.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from saisa.generation import generate_kwargs, stop_token_ids
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -82,10 +84,7 @@ class GenerationEngine:
         self._queue: queue.Queue[Job] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="saisa-engine", daemon=True)
         self._worker.start()
-        eos = processor.tokenizer.eos_token_id
-        config_eos = model.generation_config.eos_token_id
-        config_eos = config_eos if isinstance(config_eos, list) else [config_eos]
-        self.eos_ids = {i for i in [eos, *config_eos] if i is not None}
+        self.eos_ids = set(stop_token_ids(model, processor.tokenizer))
         self.batches_run = 0
 
     def submit(self, job: Job) -> Job:
@@ -122,16 +121,13 @@ class GenerationEngine:
             for job, mask in zip(batch, inputs["attention_mask"]):
                 job.prompt_tokens = int(mask.sum())
             sampling = batch[0].sampling
-            kwargs = {"do_sample": not sampling.greedy}
-            if not sampling.greedy:
-                kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed)
-            streamer = _BatchStreamer(batch, processor.tokenizer, self.eos_ids)
+            if not sampling.greedy and sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            settings = generate_kwargs(self.model, processor, max_new_tokens=max(job.max_tokens for job in batch),
+                                       temperature=sampling.temperature, top_p=sampling.top_p,
+                                       streamer=_BatchStreamer(batch, processor.tokenizer, self.eos_ids))
             with torch.no_grad():
-                self.model.generate(**inputs, max_new_tokens=max(job.max_tokens for job in batch), streamer=streamer,
-                                    pad_token_id=processor.tokenizer.pad_token_id,
-                                    eos_token_id=sorted(self.eos_ids), **kwargs)
+                self.model.generate(**inputs, **settings)
             self.batches_run += 1
         except Exception as error:  # reported to every request of the batch, the worker lives on
             for job in batch:

@@ -142,16 +142,13 @@ def build_model_and_processor(model_spec: dict, architecture: str):
         from saisa.embedded import build_embedded_default
 
         return build_embedded_default(architecture, image_size=model_spec.get("image_size", 224), **extra)
-    if init:
-        from saisa.interop import detect_layout, load_foreign, processor_for_foreign
+    if init:  # ours, or a LLaVA-1.5 / llava-hf / SAISA-release folder converted on load
+        from saisa.loading import load_pretrained
 
-        if detect_layout(init) != "saisa":  # a LLaVA-1.5 / llava-hf / SAISA-release folder, converted on load
-            model = load_foreign(init, architecture=architecture)
-            return model, processor_for_foreign(init, model)
-        model = SaisaForConditionalGeneration.from_pretrained(init)
+        model, processor = load_pretrained(init, device="cpu", dtype=torch.float32, architecture=architecture)
         if model.config.architecture != architecture:
             raise ValueError(f"{init} holds a {model.config.architecture!r} model but the recipe says {architecture!r}")
-        return model, SaisaProcessor.from_pretrained(init)
+        return model, processor
     if "llm" in model_spec and "vision" in model_spec:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
