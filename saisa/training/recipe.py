@@ -164,7 +164,7 @@ def build_model_and_processor(model_spec: dict, architecture: str):
     raise ValueError("recipe `model` needs `init: embedded`, `init: <saved model folder>`, or `llm:` and `vision:`")
 
 
-def run_training(recipe: dict, *, resume: bool = False) -> Path:
+def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None = None) -> Path:
     """Train one stage; writes checkpoints, then the final `from_pretrained` folder (model + processor + loss.png)."""
     from transformers import TrainingArguments, set_seed
 
@@ -213,10 +213,10 @@ def run_training(recipe: dict, *, resume: bool = False) -> Path:
                              **training_arguments(settings))
     trainer = SaisaTrainer(model=trainable, args=args, train_dataset=dataset,
                            data_collator=Collator(processor.tokenizer.pad_token_id, model.loss_labels), lengths=dataset.lengths,
-                           callbacks=[ThroughputCallback(), LossCurveCallback()])
+                           callbacks=[ThroughputCallback(), LossCurveCallback(), *(callbacks or [])])
     checkpoint = last_complete_checkpoint(output_dir) if resume else None
     if resume:
-        print(f"resuming from {checkpoint}" if checkpoint else "no complete checkpoint found: starting afresh")
+        print(f"resuming from {checkpoint}" if checkpoint else f"no usable checkpoint in {output_dir}: starting afresh")
     trainer.train(resume_from_checkpoint=checkpoint)
 
     final = trainable
