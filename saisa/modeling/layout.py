@@ -63,11 +63,12 @@ class SequenceLayout:
 
 @dataclass
 class KeyLayout:
-    """What a KV cache holds, per sample: one entry per cached key. Stored on the cache as `cache.saisa_layout`."""
+    """What a KV cache holds, per sample: one entry per cached key (owned by `saisa.modeling.cache.SaisaCache`)."""
 
     positions: torch.Tensor  # (B, K)
     attendable: torch.Tensor  # (B, K)
     is_visual: torch.Tensor  # (B, K)
+    text_column: torch.Tensor  # (K,) the entry holds an input_ids column (text, placeholder, padding), not a visual slot
     next_position: torch.Tensor  # (B,)
     num_input_tokens: int  # input_ids columns consumed so far
 
@@ -77,18 +78,39 @@ class KeyLayout:
     @classmethod
     def empty(cls, batch: int, device: torch.device) -> "KeyLayout":
         none = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        return cls(none, none.bool(), none.bool(), torch.zeros(batch, dtype=torch.long, device=device), 0)
+        return cls(none, none.bool(), none.bool(), none[0].bool(), torch.zeros(batch, dtype=torch.long, device=device),
+                   0)
 
     def extend(self, seq: SequenceLayout) -> "KeyLayout":
         """Append a call's keys, in the order they enter the cache: visual block, then text."""
         vis_false = torch.zeros_like(seq.text_attendable)
+        columns = torch.ones(seq.text_positions.shape[1], dtype=torch.bool, device=self.text_column.device)
         return KeyLayout(
             positions=torch.cat([self.positions, seq.visual_positions, seq.text_positions], 1),
             attendable=torch.cat([self.attendable, seq.visual_valid, seq.text_attendable], 1),
             is_visual=torch.cat([self.is_visual, seq.visual_valid, vis_false], 1),
+            text_column=torch.cat([self.text_column, ~columns.new_ones(seq.block_size), columns]),
             next_position=seq.next_position,
             num_input_tokens=self.num_input_tokens + seq.text_positions.shape[1],
         )
+
+    def select_rows(self, index: torch.Tensor) -> "KeyLayout":
+        """Rows `index` (B',) in that order: beam reordering, dropping finished rows."""
+        index = index.to(self.positions.device)
+        return replace(self, positions=self.positions[index], attendable=self.attendable[index],
+                       is_visual=self.is_visual[index], next_position=self.next_position[index])
+
+    def drop_last_tokens(self, count: int) -> "KeyLayout":
+        """Without the last `count` input_ids columns (rejected draft tokens in assisted decoding)."""
+        if count == 0:
+            return self
+        if count > self.num_input_tokens or not bool(self.text_column[-count:].all()):
+            raise ValueError(f"cannot remove the last {count} tokens: only generated text can be removed from a SAISA "
+                             "cache, never an image's visual keys")
+        removed_positions = self.positions[:, -count:].masked_fill(~self.attendable[:, -count:], 1 << 62)
+        next_position = torch.minimum(self.next_position, removed_positions.min(1).values)  # (B,)
+        return KeyLayout(self.positions[:, :-count], self.attendable[:, :-count], self.is_visual[:, :-count],
+                         self.text_column[:-count], next_position, self.num_input_tokens - count)
 
 
 def sequence_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, image_token_id: int,

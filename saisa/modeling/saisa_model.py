@@ -24,6 +24,7 @@ from saisa.backbones import decoder_family
 from saisa.compat import CACHE_KWARG
 from saisa.configuration_saisa import SaisaConfig
 from saisa.modeling.attention import VISUAL_KV_KWARG, saisa_attention_name
+from saisa.modeling.cache import SaisaCache
 from saisa.modeling.image_kv_cache import ImageKVCache, image_key
 from saisa.modeling.layout import KeyLayout, SequenceLayout, attention_mask_4d, sequence_layout
 from saisa.modeling.projector import MLPProjector
@@ -189,7 +190,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
 
         num_items_in_batch: the number of label tokens in the whole optimizer step (all micro-batches, all ranks), as
         transformers' Trainer passes it; the loss is then the step's token mean however the step is split."""
-        cache = cache if cache is not None else past_key_values
+        cache = self._saisa_cache(cache if cache is not None else past_key_values)
         if use_cache is None:
             use_cache = cache is not None or (not self.training and self.config.text_config.use_cache)
         if input_ids.ndim != 2:
@@ -202,7 +203,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
                               tokens_per_image=self.tokens_per_image, start_positions=prior.next_position)
         self._check_inputs(input_ids, seq, pixel_values)
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config.text_config)
+            cache = SaisaCache(config=self.config.text_config)
 
         layout_after = prior.extend(seq)  # kept on the inputs' device, where the next call's layout is computed
         # The layout is computed where input_ids are; the modules get everything on their own device.
@@ -223,7 +224,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             hidden = self._forward_embedding_space(seq, keys, prior, features, text_embeds, cache, use_cache)
 
         if cache is not None:
-            cache.saisa_layout = layout_after
+            cache.layout = layout_after
         if logits_to_keep:
             hidden, is_image = hidden[:, -logits_to_keep:], seq.is_image[:, -logits_to_keep:]
         else:
@@ -310,12 +311,20 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 
     # -- validation ----------------------------------------------------------------------------------------------------
-    def _cached_layout(self, cache: Cache | None, batch: int, device: torch.device) -> KeyLayout:
-        if cache is None or cache.get_seq_length() == 0:
+    def _saisa_cache(self, cache: Cache | None) -> SaisaCache | None:
+        """The cache to fill: ours, or a new one in place of the empty `DynamicCache` that `generate` hands over."""
+        if cache is None or isinstance(cache, SaisaCache):
+            return cache
+        if type(cache) is DynamicCache and cache.get_seq_length() == 0:
+            return SaisaCache(config=self.config.text_config)
+        raise ValueError(f"SAISA models keep their KV cache in a SaisaCache (it also holds the visual keys and their "
+                         f"layout); got a {type(cache).__name__}"
+                         + ("" if isinstance(cache, DynamicCache) else ": static and quantized caches are not supported"))
+
+    def _cached_layout(self, cache: SaisaCache | None, batch: int, device: torch.device) -> KeyLayout:
+        if cache is None or cache.layout is None:
             return KeyLayout.empty(batch, device)
-        layout = getattr(cache, "saisa_layout", None)
-        if layout is None:
-            raise ValueError("this cache was not filled by a SaisaForConditionalGeneration forward; pass an empty one")
+        layout = cache.layout
         if layout.positions.shape[0] != batch:
             raise ValueError(f"the cache holds {layout.positions.shape[0]} sequences but input_ids has {batch}")
         return layout
@@ -342,7 +351,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
     # -- generation ----------------------------------------------------------------------------------------------------
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, attention_mask=None,
                                       pixel_values=None, is_first_iteration=False, **kwargs):
-        layout = getattr(kwargs.get(CACHE_KWARG), "saisa_layout", None)
+        layout = getattr(kwargs.get(CACHE_KWARG), "layout", None)
         if layout is not None:
             # The cache also holds visual keys, so its length is not a count of input_ids columns; the layout is.
             input_ids, next_sequence_length = input_ids[:, layout.num_input_tokens:], None
@@ -356,3 +365,18 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if (new_ids == self.config.image_token_id).any():
             inputs["pixel_values"] = pixel_values
         return inputs
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """Beam search and `num_return_sequences` repeat every sample; pixel_values holds images, not samples, so each
+        sample's images are repeated with it (transformers would repeat each image in place)."""
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if pixel_values is not None and expand_size > 1:
+            per_sample = (input_ids == self.config.image_token_id).sum(1).tolist()  # (B,) images of each sample
+            chunks = torch.split(pixel_values, per_sample)
+            pixel_values = torch.cat([chunk for chunk in chunks for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
