@@ -4,8 +4,9 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from saisa.configuration_saisa import SaisaConfig
 from saisa.modeling import SaisaForConditionalGeneration, SaisaPreTrainedModel
+from saisa.modeling.image_kv_cache import ImageKVCache
 
 AutoConfig.register("saisa", SaisaConfig)
 AutoModelForImageTextToText.register(SaisaConfig, SaisaForConditionalGeneration)
 
-__all__ = ["SaisaConfig", "SaisaForConditionalGeneration", "SaisaPreTrainedModel"]
+__all__ = ["ImageKVCache", "SaisaConfig", "SaisaForConditionalGeneration", "SaisaPreTrainedModel"]

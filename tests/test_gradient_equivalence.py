@@ -52,12 +52,15 @@ def test_batch_accumulation_and_ranks_give_the_same_step(tmp_path, arch):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = tmp_path / "ranks"
 
-    reference = _logs(whole)
+    reference, want_weights = _logs(whole), load_file(whole / "model.safetensors")
     assert len(reference) == STEPS
+    print(f"\n{arch}: step losses / grad norms 1x8 {[(e['loss'], e['grad_norm']) for e in reference]}")
     for other in (accumulated, ranks):
-        for got, want in zip(_logs(other), reference, strict=True):
+        logs, weights = _logs(other), load_file(other / "model.safetensors")
+        largest = max(float((weights[key] - value).abs().max()) for key, value in want_weights.items())
+        print(f"{arch}: {other.name}: {[(e['loss'], e['grad_norm']) for e in logs]}, max |dw| {largest:.2e}")
+        for got, want in zip(logs, reference, strict=True):
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (other.name, got, want)
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), (other.name, got, want)
-        weights, want_weights = load_file(other / "model.safetensors"), load_file(whole / "model.safetensors")
         for key, value in want_weights.items():
             torch.testing.assert_close(weights[key], value, atol=2e-6, rtol=1e-5, msg=f"{other.name}: {key}")

@@ -25,7 +25,7 @@ from saisa.compat import CACHE_KWARG
 from saisa.configuration_saisa import SaisaConfig
 from saisa.modeling.attention import VISUAL_KV_KWARG, saisa_attention_name
 from saisa.modeling.cache import SaisaCache
-from saisa.modeling.image_kv_cache import ImageKVCache, image_key
+from saisa.modeling.image_kv_cache import ImageKVCache, WeightsVersion, image_key
 from saisa.modeling.layout import KeyLayout, SequenceLayout, attention_mask_4d, sequence_layout
 from saisa.modeling.projector import MLPProjector
 from saisa.vision import build_vision_encoder
@@ -135,26 +135,46 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
 
         Computed when a layer asks, so in training each layer's visual K/V are made inside that layer's own forward
         (where FSDP and ZeRO-3 have gathered its parameters; one layer's exist at a time). With an image KV cache
-        (inference only) every layer's are served per image from the cache where possible.
+        every layer's are served per image from the cache where possible, under the current weights version.
         """
         cache = self.image_kv_cache
-        if cache is None or (self.training and torch.is_grad_enabled()):
+        version = self._image_kv_version(pixel_values) if cache is not None else None
+        if version is None:
             return partial(self.visual_keys_values, self.encode_images(pixel_values))
         self._check_pixel_values(pixel_values)
-        num_layers = len(self.family.layers(self.language_model))
-        keys = [image_key(p) for p in pixel_values]
-        per_image = [cache.get(key) for key in keys]
-        missing = [i for i, found in enumerate(per_image) if found is None]
+        keys = [image_key(p) for p in pixel_values.detach().cpu()]
+        found = {key: cache.get(key, version) for key in dict.fromkeys(keys)}  # a repeat in the batch: looked up once
+        missing = [key for key, layers in found.items() if layers is None]
         if missing:
-            features = self.encode_images(pixel_values[missing])
-            fresh = [self.visual_keys_values(features, layer) for layer in range(num_layers)]
-            for j, i in enumerate(missing):
-                per_image[i] = [(k[j], v[j]) for k, v in fresh]
-                cache.put(keys[i], per_image[i])
+            features = self.encode_images(pixel_values[[keys.index(key) for key in missing]])
+            num_layers = len(self.family.layers(self.language_model))
+            fresh = [self.visual_keys_values(features, layer) for layer in range(num_layers)]  # (M, kv_heads, v, hd)
+            for j, key in enumerate(missing):
+                found[key] = [(k[j], v[j]) for k, v in fresh]
+                cache.put(key, found[key], version)  # copies: the cache never holds a view into `fresh`
+            if len(missing) == len(keys):  # every image new and distinct: the batch as computed
+                return fresh.__getitem__
+        per_image = [found[key] for key in keys]
         if len(per_image) == 1:  # views, no copy
             return lambda layer: (per_image[0][layer][0][None], per_image[0][layer][1][None])
         return lambda layer: (torch.stack([image[layer][0] for image in per_image]),
                               torch.stack([image[layer][1] for image in per_image]))
+
+    def _image_kv_version(self, pixel_values: torch.Tensor) -> WeightsVersion | None:
+        """The version of every weight the images' visual K/V come from (SAISA.md §3: vision encoder, projectors, each
+        layer's input norm and attention, whose k/v projections and k-norm are inside), or None where the cache must
+        not be used: in training mode (dropout), when gradients must reach those weights or the pixels (cached K/V are
+        constants), or when the version cannot be known (weights made under torch.inference_mode)."""
+        if self.training:
+            return None
+        projectors = self.layer_projectors if hasattr(self, "layer_projectors") else self.projector
+        modules = [self.vision_tower, projectors]
+        for layer in self.family.layers(self.language_model):
+            modules += (layer.input_layernorm, layer.self_attn)
+        version = WeightsVersion.of(modules)
+        if version is None or (torch.is_grad_enabled() and (version.requires_grad or pixel_values.requires_grad)):
+            return None
+        return version
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, v, d_vis) patch features, on the vision encoder's device and in its dtype."""
