@@ -38,7 +38,8 @@ class WeightsVersion:
     Not seen: writes through `param.data` (a separate version counter, by autograd's design) and state that is not a
     tensor (peft's adapter enable/disable): call `ImageKVCache.clear()` after those.
 
-    Costs one pass over the tensors: ~0.3-0.5 ms for a CLIP-L tower and a 30-layer LLM's input norms and attention.
+    Costs one pass over the tensors, once per forward that carries images (not per decoded token): 0.4 ms for a
+    24-layer CLIP tower and 8 LLM layers (464 tensors), 0.7 ms with 32 LLM layers (680), on a busy 2-core CPU.
     """
 
     __slots__ = ("_refs", "_state", "requires_grad")
