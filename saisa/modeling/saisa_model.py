@@ -2,15 +2,14 @@
 
 Reading guide (SAISA.md §3):
 - per-layer projection ........ `project_visual_features` (one MLP per layer, or one shared)
-- visual K/V .................. `saisa.backbones.DecoderFamily.visual_keys_values` + `rotate_keys`
+- visual K/V .................. `saisa.modeling.visual_prefix` (per layer: projector, the layer's norm and K/V
+                                projections via `saisa.backbones.DecoderFamily`, RoPE at the images' positions)
 - positions and the mask ...... `saisa.modeling.layout`
 - LLaVA / NAAViT baselines .... `_forward_embedding_space` (visual tokens spliced into the input embeddings)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,9 +24,10 @@ from saisa.compat import CACHE_KWARG
 from saisa.configuration_saisa import SaisaConfig
 from saisa.modeling.attention import VISUAL_KV_KWARG, saisa_attention_name
 from saisa.modeling.cache import SaisaCache
-from saisa.modeling.image_kv_cache import ImageKVCache, WeightsVersion, image_key
+from saisa.modeling.image_kv_cache import ImageKVCache
 from saisa.modeling.layout import KeyLayout, SequenceLayout, attention_mask_4d, sequence_layout
 from saisa.modeling.projector import MLPProjector
+from saisa.modeling.visual_prefix import VisualPrefix
 from saisa.vision import build_vision_encoder
 
 IGNORE_INDEX = -100
@@ -122,60 +122,6 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             return self.layer_projectors[layer](features)
         return self.projector(features)
 
-    def visual_keys_values(self, features: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `layer_idx`'s keys (before RoPE) and values of every image, (N, kv_heads, v, head_dim) each.
-
-        They depend on the image alone, which is what makes them cacheable by image content.
-        """
-        layer = self.family.layers(self.language_model)[layer_idx]
-        return self.family.visual_keys_values(layer, self.project_visual_features(features, layer_idx))
-
-    def image_keys_values(self, pixel_values: torch.Tensor) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-        """layer index -> that layer's keys (before RoPE) and values of every image, (N, kv_heads, v, head_dim) each.
-
-        Computed when a layer asks, so in training each layer's visual K/V are made inside that layer's own forward
-        (where FSDP and ZeRO-3 have gathered its parameters; one layer's exist at a time). With an image KV cache
-        every layer's are served per image from the cache where possible, under the current weights version.
-        """
-        cache = self.image_kv_cache
-        version = self._image_kv_version(pixel_values) if cache is not None else None
-        if version is None:
-            return partial(self.visual_keys_values, self.encode_images(pixel_values))
-        self._check_pixel_values(pixel_values)
-        keys = [image_key(p) for p in pixel_values.detach().cpu()]
-        found = {key: cache.get(key, version) for key in dict.fromkeys(keys)}  # a repeat in the batch: looked up once
-        missing = [key for key, layers in found.items() if layers is None]
-        if missing:
-            features = self.encode_images(pixel_values[[keys.index(key) for key in missing]])
-            num_layers = len(self.family.layers(self.language_model))
-            fresh = [self.visual_keys_values(features, layer) for layer in range(num_layers)]  # (M, kv_heads, v, hd)
-            for j, key in enumerate(missing):
-                found[key] = [(k[j], v[j]) for k, v in fresh]
-                cache.put(key, found[key], version)  # copies: the cache never holds a view into `fresh`
-            if len(missing) == len(keys):  # every image new and distinct: the batch as computed
-                return fresh.__getitem__
-        per_image = [found[key] for key in keys]
-        if len(per_image) == 1:  # views, no copy
-            return lambda layer: (per_image[0][layer][0][None], per_image[0][layer][1][None])
-        return lambda layer: (torch.stack([image[layer][0] for image in per_image]),
-                              torch.stack([image[layer][1] for image in per_image]))
-
-    def _image_kv_version(self, pixel_values: torch.Tensor) -> WeightsVersion | None:
-        """The version of every weight the images' visual K/V come from (SAISA.md §3: vision encoder, projectors, each
-        layer's input norm and attention, whose k/v projections and k-norm are inside), or None where the cache must
-        not be used: in training mode (dropout), when gradients must reach those weights or the pixels (cached K/V are
-        constants), or when the version cannot be known (weights made under torch.inference_mode)."""
-        if self.training:
-            return None
-        projectors = self.layer_projectors if hasattr(self, "layer_projectors") else self.projector
-        modules = [self.vision_tower, projectors]
-        for layer in self.family.layers(self.language_model):
-            modules += (layer.input_layernorm, layer.self_attn)
-        version = WeightsVersion.of(modules)
-        if version is None or (torch.is_grad_enabled() and (version.requires_grad or pixel_values.requires_grad)):
-            return None
-        return version
-
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, v, d_vis) patch features, on the vision encoder's device and in its dtype."""
         self._check_pixel_values(pixel_values)
@@ -237,8 +183,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             # Text only, nothing cached: exactly the bare LLM.
             hidden = self._decoder(text_embeds, attention_mask, seq.text_positions, cache, use_cache)
         elif self.config.architecture == "saisa":
-            visual_kv = self.image_keys_values(pixel_values) if seq.num_images else None
-            hidden = self._forward_saisa(seq, keys, prior, visual_kv, text_embeds, cache, use_cache)
+            prefix = VisualPrefix(self, pixel_values, seq) if seq.num_images else None
+            hidden = self._forward_saisa(seq, keys, prior, prefix, text_embeds, cache, use_cache)
         else:
             features = self.encode_images(pixel_values) if seq.num_images else None
             hidden = self._forward_embedding_space(seq, keys, prior, features, text_embeds, cache, use_cache)
@@ -258,27 +204,20 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             loss = self._loss(logits, labels.to(logits.device), input_ids, attention_mask, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: cache if use_cache else None})
 
-    def _forward_saisa(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, image_kv, text_embeds,
-                       cache, use_cache) -> torch.Tensor:
+    def _forward_saisa(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, prefix: VisualPrefix | None,
+                       text_embeds, cache, use_cache) -> torch.Tensor:
         """Text runs through the unchanged LLM; each layer's key/value set gains that layer's visual K/V."""
         mask = attention_mask_4d(
             query_positions=seq.text_positions, query_is_visual=torch.zeros_like(seq.is_image), keys=keys,
             first_query_key=prior.positions.shape[1] + seq.block_size, no_visual_to_visual=False,
             dtype=text_embeds.dtype,
         )
-
-        def layer_visual_kv(layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-            k, v = image_kv(layer_idx)  # (N, kv_heads, v, head_dim) each
-            k = seq.scatter_images(k.transpose(1, 2)).transpose(1, 2)  # (B, kv_heads, Vb, head_dim)
-            v = seq.scatter_images(v.transpose(1, 2)).transpose(1, 2)
-            return self.family.rotate_keys(self.language_model, k, seq.visual_positions), v
-
         extra = {}
-        if image_kv is not None and use_cache:  # a KV prefix: the cache holds every layer's visual K/V before the text
+        if prefix is not None and use_cache:  # a KV prefix: the cache holds every layer's visual K/V before the text
             for layer_idx in range(len(self.family.layers(self.language_model))):
-                cache.update(*layer_visual_kv(layer_idx), layer_idx)
-        elif image_kv is not None:  # each layer asks for its own, inside its forward (saisa.modeling.attention)
-            extra[VISUAL_KV_KWARG] = layer_visual_kv
+                cache.update(*prefix.layer(layer_idx), layer_idx)
+        elif prefix is not None:  # each layer asks for its own, inside its forward (saisa.modeling.attention)
+            extra[VISUAL_KV_KWARG] = prefix.layer
         return self._decoder(text_embeds, mask, seq.text_positions, cache, use_cache, **extra)
 
     def _forward_embedding_space(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, features,
