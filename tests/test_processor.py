@@ -13,8 +13,8 @@ from saisa.processing import SaisaProcessor
 
 def test_placeholder_is_one_token_and_images_are_stacked():
     processor = make_processor()
-    batch = processor(["what is <image> ?", "<image> and <image> a cat"],
-                      images=[[Image.new("RGB", (20, 10), "red")], [Image.new("RGB", (8, 8)), Image.new("RGB", (5, 9))]])
+    images = [[Image.new("RGB", (20, 10), "red")], [Image.new("RGB", (8, 8)), Image.new("RGB", (5, 9))]]
+    batch = processor(["what is <image> ?", "<image> and <image> a cat"], images=images)
     assert (batch["input_ids"] == processor.image_token_id).sum().item() == 3
     assert batch["pixel_values"].shape == (3, 3, 16, 16)
     assert batch["attention_mask"][0, 0] == 0  # left padding by default

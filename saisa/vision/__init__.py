@@ -10,15 +10,42 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PreTrainedConfig
+from transformers.image_processing_utils import BaseImageProcessor
 
 
 @dataclass(frozen=True)
 class ImagePreprocessing:
-    """How images are prepared for an encoder: LLaVA-1.5 pads to square (with the mean colour), then resizes."""
+    """How images are prepared for an encoder: LLaVA-1.5 pads to square (with the mean colour, `SaisaProcessor`),
+    then `image_processor_type` resizes to `image_size` and normalises."""
 
     image_size: int
     image_mean: tuple[float, float, float]
     image_std: tuple[float, float, float]
+    image_processor_type: str = "SaisaImageProcessor"  # or CLIPImageProcessor / SiglipImageProcessor
+
+    def image_processor(self) -> BaseImageProcessor:
+        # The PIL backends: bit-identical to LLaVA-1.5's PIL preprocessing, and no torchvision needed.
+        from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+
+        from saisa.vision.image_processing import SaisaImageProcessor
+
+        side = self.image_size
+        square = {"height": side, "width": side}
+        stats = {"image_mean": list(self.image_mean), "image_std": list(self.image_std)}
+        if self.image_processor_type == "CLIPImageProcessor":
+            return CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size=square, **stats)
+        if self.image_processor_type == "SiglipImageProcessor":
+            return SiglipImageProcessorPil(size=square, **stats)
+        if self.image_processor_type == "SaisaImageProcessor":
+            return SaisaImageProcessor(size=square, **stats)
+        raise ValueError(f"unknown image processor {self.image_processor_type!r}")
+
+    @classmethod
+    def of(cls, image_processor: BaseImageProcessor) -> ImagePreprocessing:
+        """What an image processor does to an (already square) image."""
+        size = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
+        return cls(size.height or size.shortest_edge, tuple(image_processor.image_mean),
+                   tuple(image_processor.image_std), type(image_processor).__name__.removesuffix("Pil"))
 
 
 class VisionEncoder(nn.Module):

@@ -37,7 +37,8 @@ class TransformersVisionTower(VisionEncoder):
         self.hidden_size = config.hidden_size
         siglip = config.model_type == "siglip_vision_model"
         mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (_CLIP_MEAN, _CLIP_STD)
-        self.preprocessing = ImagePreprocessing(config.image_size, mean, std)
+        self.preprocessing = ImagePreprocessing(config.image_size, mean, std,
+                                                "SiglipImageProcessor" if siglip else "CLIPImageProcessor")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, v, d_vis)
         dtype = next(self.model.parameters()).dtype
