@@ -10,6 +10,7 @@ from transformers import (
 )
 
 from saisa.configuration_saisa import SaisaConfig
+from saisa.loading import load_pretrained
 from saisa.modeling import SaisaForConditionalGeneration, SaisaPreTrainedModel
 from saisa.modeling.image_kv_cache import ImageKVCache
 from saisa.processing import SaisaProcessor
@@ -25,4 +26,4 @@ AutoProcessor.register(SaisaConfig, SaisaProcessor)
 AutoImageProcessor.register(EfficientNetLiteConfig, image_processor_classes={"pil": SaisaImageProcessor})
 
 __all__ = ["ImageKVCache", "SaisaConfig", "SaisaForConditionalGeneration", "SaisaImageProcessor",
-           "SaisaPreTrainedModel", "SaisaProcessor"]
+           "SaisaPreTrainedModel", "SaisaProcessor", "load_pretrained"]
