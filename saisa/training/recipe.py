@@ -170,6 +170,7 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
 
     from saisa.compat import training_arguments
     from saisa.data import Collator, LlavaJsonDataset
+    from saisa.training import engines
     from saisa.training.trainer import LossCurveCallback, SaisaTrainer, ThroughputCallback, last_complete_checkpoint
 
     recipe = copy.deepcopy(recipe)
@@ -200,12 +201,10 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
     settings.setdefault("bf16", on_gpu and torch.cuda.is_bf16_supported())
     if settings.pop("group_by_length", True):
         settings.setdefault("train_sampling_strategy", "group_by_length")
-    if settings.get("deepspeed") and not Path(settings["deepspeed"]).exists():
-        shipped = RECIPES_DIR / "deepspeed" / f"{settings['deepspeed']}.json"
-        if not shipped.exists():
-            raise FileNotFoundError(f"DeepSpeed config {settings['deepspeed']!r} is neither a file nor a shipped one "
-                                    "(zero2, zero3, zero3_offload)")
-        settings["deepspeed"] = str(shipped)
+    if settings.get("deepspeed"):
+        settings["deepspeed"] = engines.deepspeed_config(settings["deepspeed"], on_gpu=on_gpu)
+    if settings.get("fsdp"):
+        settings["fsdp_config"] = engines.fsdp_config_for(model, settings.get("fsdp_config"))
     if settings.get("activation_checkpointing"):
         # non-reentrant: with a frozen LLM the checkpointed layers' inputs need no grad, yet projector grads must flow
         settings.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
@@ -214,17 +213,18 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
     trainer = SaisaTrainer(model=trainable, args=args, train_dataset=dataset,
                            data_collator=Collator(processor.tokenizer.pad_token_id, model.loss_labels), lengths=dataset.lengths,
                            callbacks=[ThroughputCallback(), LossCurveCallback(), *(callbacks or [])])
+    engines.enable_fsdp_on_cpu(trainer)
+    if trainer.is_world_process_zero():
+        print(f"engine: {engines.describe_engine(trainer)}")
+    if lora.r > 0:
+        engines.check_lora_supported(trainer)
     checkpoint = last_complete_checkpoint(output_dir) if resume else None
     if resume:
         print(f"resuming from {checkpoint}" if checkpoint else f"no usable checkpoint in {output_dir}: starting afresh")
     trainer.train(resume_from_checkpoint=checkpoint)
 
-    final = trainable
-    if lora.r > 0:
-        trainable.save_pretrained(output_dir / "adapter")
-        final = trainable.merge_and_unload()
+    engines.save_final(trainer, output_dir, lora=lora.r > 0)
     if trainer.args.should_save:
-        final.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         report = {"stage": stage, "architecture": architecture, "samples": len(dataset),
                   "truncated_samples": dataset.stats.truncated, "skipped_samples": dataset.stats.skipped,
