@@ -12,11 +12,17 @@ import sys
 
 # verb -> (module, help). Each module exposes `add_arguments(parser)` and `run(args)`; imported only when used.
 VERBS = {
-    "demo": ("saisa.commands.demo", "the embedded default end to end: real SmolLM2 + EfficientNet-Lite0 on real images"),
+    "demo": (
+        "saisa.commands.demo",
+        "the embedded default end to end: real SmolLM2 + EfficientNet-Lite0 on real images",
+    ),
     "train": ("saisa.commands.train", "train one stage (align / instruct) from a YAML recipe, CPU to many GPUs"),
     "merge-lora": ("saisa.commands.merge_lora", "merge a LoRA adapter into its base model"),
     "chat": ("saisa.commands.chat", "terminal chat with streaming, images by path, KV cache kept across turns"),
-    "serve": ("saisa.commands.serve", "OpenAI-compatible HTTP server (chat completions, SSE streaming, image KV cache)"),
+    "serve": (
+        "saisa.commands.serve",
+        "OpenAI-compatible HTTP server (chat completions, SSE streaming, image KV cache)",
+    ),
     "eval": ("saisa.commands.eval", "evaluate a saved model on short-answer / multiple-choice / yes-no questions"),
     "reproduce": ("saisa.commands.reproduce", "train and compare saisa / llava / naavit on the embedded default"),
     "flops": ("saisa.commands.flops", "analytic inference/training FLOPs: LLaVA-1.5 vs NAAViT vs SAISA vs Flamingo"),

@@ -25,5 +25,12 @@ for auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText)
 AutoProcessor.register(SaisaConfig, SaisaProcessor)
 AutoImageProcessor.register(EfficientNetLiteConfig, image_processor_classes={"pil": SaisaImageProcessor})
 
-__all__ = ["ImageKVCache", "SaisaConfig", "SaisaForConditionalGeneration", "SaisaImageProcessor",
-           "SaisaPreTrainedModel", "SaisaProcessor", "load_pretrained"]
+__all__ = [
+    "ImageKVCache",
+    "SaisaConfig",
+    "SaisaForConditionalGeneration",
+    "SaisaImageProcessor",
+    "SaisaPreTrainedModel",
+    "SaisaProcessor",
+    "load_pretrained",
+]

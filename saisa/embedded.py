@@ -58,10 +58,18 @@ def build_embedded_default(architecture: str = "saisa", *, image_size: int = 224
     language_model, tokenizer = load_smollm2()
     vision_config = EfficientNetLiteConfig(image_size=image_size)
     encoder = EfficientNetLiteEncoder.pretrained_lite0()
-    processor = SaisaProcessor(tokenizer, EfficientNetLiteEncoder(vision_config, feature_layer=-1,
-                                                                  select_strategy="full", module=encoder).preprocessing)
-    config = SaisaConfig(text_config=language_model.config, vision_config=vision_config, architecture=architecture,
-                         image_token_id=processor.image_token_id, vision_feature_layer=-1,
-                         vision_feature_select_strategy="full", **config_kwargs)
+    processor = SaisaProcessor(
+        tokenizer,
+        EfficientNetLiteEncoder(vision_config, feature_layer=-1, select_strategy="full", module=encoder).preprocessing,
+    )
+    config = SaisaConfig(
+        text_config=language_model.config,
+        vision_config=vision_config,
+        architecture=architecture,
+        image_token_id=processor.image_token_id,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        **config_kwargs,
+    )
     model = SaisaForConditionalGeneration(config, language_model=language_model, vision_model=encoder).eval()
     return model, processor

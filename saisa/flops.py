@@ -58,13 +58,24 @@ def vit_flops(*, image_size: int, patch_size: int, hidden: int, ffn: int, layers
 
 def _llama(name, h, m, L, heads, kv, vocab, vision: ModelDims | None = None) -> ModelDims:
     vision = vision or CLIP_L_336
-    return ModelDims(name, h, m, L, heads, kv, h // heads, vision.vision_hidden, vision.visual_tokens, vocab,
-                     vision.vision_flops)
+    return ModelDims(
+        name, h, m, L, heads, kv, h // heads, vision.vision_hidden, vision.visual_tokens, vocab, vision.vision_flops
+    )
 
 
 # vision towers, as partial dims: (d_vis, v, flops per image)
-CLIP_L_336 = ModelDims("clip-vit-l-14-336", 0, 0, 0, 1, 1, 0, 1024, 576,
-                       vision_flops=vit_flops(image_size=336, patch_size=14, hidden=1024, ffn=4096, layers=23))
+CLIP_L_336 = ModelDims(
+    "clip-vit-l-14-336",
+    0,
+    0,
+    0,
+    1,
+    1,
+    0,
+    1024,
+    576,
+    vision_flops=vit_flops(image_size=336, patch_size=14, hidden=1024, ffn=4096, layers=23),
+)
 EFFICIENTNET_LITE0 = ModelDims("efficientnet-lite0", 0, 0, 0, 1, 1, 0, 1280, 49, vision_flops=None)
 
 PRESETS: dict[str, ModelDims] = {
@@ -83,14 +94,28 @@ def dims_from_config(config, name: str = "model") -> ModelDims:
 
     tc = config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    tower = build_vision_encoder(config.vision_config, feature_layer=config.vision_feature_layer,
-                                 select_strategy=config.vision_feature_select_strategy)
-    return ModelDims(name, tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.num_attention_heads,
-                     tc.num_key_value_heads, head_dim, tower.hidden_size, tower.num_tokens, tc.vocab_size)
+    tower = build_vision_encoder(
+        config.vision_config,
+        feature_layer=config.vision_feature_layer,
+        select_strategy=config.vision_feature_select_strategy,
+    )
+    return ModelDims(
+        name,
+        tc.hidden_size,
+        tc.intermediate_size,
+        tc.num_hidden_layers,
+        tc.num_attention_heads,
+        tc.num_key_value_heads,
+        head_dim,
+        tower.hidden_size,
+        tower.num_tokens,
+        tc.vocab_size,
+    )
 
 
-def prefill_flops(dims: ModelDims, architecture: str, text_tokens: int, *, images: int = 1,
-                  lm_head: bool = False) -> dict[str, float]:
+def prefill_flops(
+    dims: ModelDims, architecture: str, text_tokens: int, *, images: int = 1, lm_head: bool = False
+) -> dict[str, float]:
     """Inference prefill FLOPs, vision encoder excluded. Returns the parts and their `total`."""
     t, v, h, L = text_tokens, dims.visual_tokens * images, dims.hidden, dims.layers
     lin, qd = dims.per_token_linear(), dims.q_dim
@@ -102,14 +127,21 @@ def prefill_flops(dims: ModelDims, architecture: str, text_tokens: int, *, image
         parts = {"layers_linear": L * (t + v) * lin, "attention": L * 4 * (t * (t + v) + v) * qd, "projectors": proj}
     elif architecture == "saisa":
         visual_kv = 2 * v * h * 2 * dims.kv_dim  # K and V projections of the visual tokens
-        parts = {"layers_linear": L * (t * lin + visual_kv), "attention": L * 4 * t * (t + v) * qd,
-                 "projectors": L * proj}
+        parts = {
+            "layers_linear": L * (t * lin + visual_kv),
+            "attention": L * 4 * t * (t + v) * qd,
+            "projectors": L * proj,
+        }
     elif architecture == "flamingo":
         # LLM on text only, plus in every layer a gated cross-attention block (Q/O on text, K/V on visual tokens,
         # attention text x visual) and a gated FFN on the text; one projector into the LLM width.
         xattn = 2 * t * h * 2 * qd + 2 * v * h * 2 * dims.kv_dim + 4 * t * v * qd + 2 * 3 * t * h * dims.ffn
-        parts = {"layers_linear": L * t * lin, "attention": L * 4 * t * t * qd, "cross_attention": L * xattn,
-                 "projectors": proj}
+        parts = {
+            "layers_linear": L * t * lin,
+            "attention": L * 4 * t * t * qd,
+            "cross_attention": L * xattn,
+            "projectors": proj,
+        }
     else:
         raise ValueError(f"unknown architecture {architecture!r}; one of {ARCHITECTURES}")
     if lm_head:
@@ -125,8 +157,9 @@ def decode_flops(dims: ModelDims, architecture: str, context: int) -> float:
     if architecture == "flamingo":
         v = dims.visual_tokens
         text_context = context - v
-        per_token = L * (dims.per_token_linear() + 4 * (text_context + 1) * qd
-                         + 2 * h * 2 * qd + 4 * v * qd + 2 * 3 * h * dims.ffn)
+        per_token = L * (
+            dims.per_token_linear() + 4 * (text_context + 1) * qd + 2 * h * 2 * qd + 4 * v * qd + 2 * 3 * h * dims.ffn
+        )
     return per_token
 
 
@@ -150,17 +183,24 @@ def training_flops(dims: ModelDims, architecture: str, text_tokens: int, *, stag
     backward = fwd["projectors"] * 2 + fwd["layers_linear"] * linear_backward + fwd["attention"] * 2
     backward += fwd.get("cross_attention", 0) * 2
     vision = dims.vision_flops or 0.0
-    return {"forward": fwd["total"], "backward": backward, "vision_forward": vision,
-            "total": fwd["total"] + backward + vision}
+    return {
+        "forward": fwd["total"],
+        "backward": backward,
+        "vision_forward": vision,
+        "total": fwd["total"] + backward + vision,
+    }
 
 
-def recipe_training_ratio(dims: ModelDims, *, align_samples=558_000, align_text=64, instruct_samples=665_000,
-                          instruct_text=512) -> dict[str, float]:
+def recipe_training_ratio(
+    dims: ModelDims, *, align_samples=558_000, align_text=64, instruct_samples=665_000, instruct_text=512
+) -> dict[str, float]:
     """SAISA / LLaVA-1.5 training FLOPs over the two-stage recipe (SAISA.md §5) at typical text lengths."""
     totals = {}
     for arch in ("llava", "saisa"):
-        totals[arch] = (align_samples * training_flops(dims, arch, align_text, stage="align")["total"]
-                        + instruct_samples * training_flops(dims, arch, instruct_text, stage="instruct")["total"])
+        totals[arch] = (
+            align_samples * training_flops(dims, arch, align_text, stage="align")["total"]
+            + instruct_samples * training_flops(dims, arch, instruct_text, stage="instruct")["total"]
+        )
     return {"llava": totals["llava"], "saisa": totals["saisa"], "ratio": totals["saisa"] / totals["llava"]}
 
 
@@ -181,8 +221,9 @@ def report(dims: ModelDims, text_tokens: int) -> dict:
         "dims": asdict(dims),
         "text_tokens": text_tokens,
         "prefill": {arch: prefill_flops(dims, arch, text_tokens) for arch in ARCHITECTURES},
-        "decode_per_token": {arch: decode_flops(dims, arch, text_tokens + dims.visual_tokens)
-                             for arch in ARCHITECTURES},
+        "decode_per_token": {
+            arch: decode_flops(dims, arch, text_tokens + dims.visual_tokens) for arch in ARCHITECTURES
+        },
         "kv_cache_bytes_bf16": {arch: kv_cache_bytes(dims, arch, text_tokens) for arch in ARCHITECTURES},
         "vision_encoder_per_image": dims.vision_flops,
         "reduction_vs_text_length": reduction_table(dims, sorted({64, 128, 256, 512, text_tokens})),

@@ -30,17 +30,30 @@ class StopOnStrings(StoppingCriteria):
         self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
         return torch.tensor([any(marker in text for marker in self.stop) for text in texts], device=input_ids.device)
 
 
-def generate_kwargs(model, processor, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                    stop: list[str] | tuple[str, ...] = (), prompt_length: int = 0, streamer=None) -> dict:
+def generate_kwargs(
+    model,
+    processor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | tuple[str, ...] = (),
+    prompt_length: int = 0,
+    streamer=None,
+) -> dict:
     """Arguments for `model.generate`: greedy when temperature is 0, EOS and padding from the tokenizer and the
     generation config, stop strings (a row halts once one appears in the text after the first `prompt_length`
     columns; `cut_at_stop` trims it)."""
-    kwargs = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_token_ids(model, processor.tokenizer),
-              "pad_token_id": processor.tokenizer.pad_token_id, "streamer": streamer}
+    kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": stop_token_ids(model, processor.tokenizer),
+        "pad_token_id": processor.tokenizer.pad_token_id,
+        "streamer": streamer,
+    }
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
     else:
@@ -60,15 +73,34 @@ def cut_at_stop(text: str, stop: list[str] | tuple[str, ...] = ()) -> str:
 
 
 @torch.no_grad()
-def answer_batch(model, processor, texts: list[str], images: list[list], *, max_new_tokens: int = 32,
-                 temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | tuple[str, ...] = (),
-                 streamer=None) -> list[str]:
+def answer_batch(
+    model,
+    processor,
+    texts: list[str],
+    images: list[list],
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | tuple[str, ...] = (),
+    streamer=None,
+) -> list[str]:
     """One answer per (text, images) question, asked as a single user turn; batched with left padding."""
-    prompts = [user_prompt(processor, text, len(imgs)) for text, imgs in zip(texts, images)]
+    prompts = [user_prompt(processor, text, len(imgs)) for text, imgs in zip(texts, images, strict=True)]
     inputs = processor(prompts, images=[image for imgs in images for image in imgs] or None)
     prompt_length = inputs["input_ids"].shape[1]
-    out = model.generate(**inputs, **generate_kwargs(model, processor, max_new_tokens=max_new_tokens,
-                                                     temperature=temperature, top_p=top_p, stop=stop,
-                                                     prompt_length=prompt_length, streamer=streamer))
+    out = model.generate(
+        **inputs,
+        **generate_kwargs(
+            model,
+            processor,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            prompt_length=prompt_length,
+            streamer=streamer,
+        ),
+    )
     answers = processor.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
     return [cut_at_stop(answer, stop) for answer in answers]

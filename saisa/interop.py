@@ -26,11 +26,24 @@ logger = logging.getLogger(__name__)
 
 # Vision towers named by hub id in LLaVA configs (their weights travel inside the checkpoint; nothing is fetched).
 KNOWN_VISION_TOWERS = {
-    "openai/clip-vit-large-patch14-336": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                              num_attention_heads=16, image_size=336, patch_size=14,
-                                              projection_dim=768),
-    "openai/clip-vit-large-patch14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                          num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768),
+    "openai/clip-vit-large-patch14-336": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    ),
+    "openai/clip-vit-large-patch14": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+    ),
 }
 LAYER_PROJECTOR = re.compile(r"^model\.layers\.(\d+)\.mm_projector\.(0|2)\.(weight|bias)$")
 
@@ -57,7 +70,8 @@ def detect_layout(folder: str | Path) -> str:
         return "llava_hf"
     raise UnknownCheckpointError(
         f"{folder}: unknown layout (model_type {model_type!r}); expected 'saisa', 'llava' (llava-hf) or "
-        "'llava_llama' with mm_vision_tower (LLaVA-1.5 / SAISA releases)")
+        "'llava_llama' with mm_vision_tower (LLaVA-1.5 / SAISA releases)"
+    )
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
@@ -68,8 +82,11 @@ def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         raise UnknownCheckpointError(f"{folder}: no *.safetensors or pytorch_model*.bin weight files")
     state = {}
     for file in files:
-        state.update(load_file(file) if file.suffix == ".safetensors"
-                     else torch.load(file, map_location="cpu", weights_only=True))
+        state.update(
+            load_file(file)
+            if file.suffix == ".safetensors"
+            else torch.load(file, map_location="cpu", weights_only=True)
+        )
     return state
 
 
@@ -85,7 +102,8 @@ def _vision_config(folder: Path, config: dict, state: dict) -> PreTrainedConfig:
         return CLIPVisionConfig(**KNOWN_VISION_TOWERS[tower])
     raise UnknownCheckpointError(
         f"{folder}: vision tower {tower!r} is neither a local folder with config.json nor one of "
-        f"{sorted(KNOWN_VISION_TOWERS)}; point mm_vision_tower at a local CLIP/SigLIP folder")
+        f"{sorted(KNOWN_VISION_TOWERS)}; point mm_vision_tower at a local CLIP/SigLIP folder"
+    )
 
 
 def _strip_vision_model(key: str) -> str:
@@ -104,19 +122,39 @@ def convert_llava_original(folder: str | Path, architecture: str | None = None):
     has_layer_projectors = any(LAYER_PROJECTOR.match(k) for k in state)
     found = "saisa" if has_layer_projectors else "llava"
     architecture = architecture or found
-    text_dict = {k: v for k, v in config.items() if not k.startswith("mm_") and k not in (
-        "model_type", "architectures", "image_aspect_ratio", "tune_mm_mlp_adapter", "freeze_mm_mlp_adapter",
-        "use_mm_proj", "image_grid_pinpoints", "tokenizer_model_max_length", "tokenizer_padding_side",
-        "unfreeze_mm_vision_tower", "mm_projector_lr", "auto_map", "_name_or_path")}
+    text_dict = {
+        k: v
+        for k, v in config.items()
+        if not k.startswith("mm_")
+        and k
+        not in (
+            "model_type",
+            "architectures",
+            "image_aspect_ratio",
+            "tune_mm_mlp_adapter",
+            "freeze_mm_mlp_adapter",
+            "use_mm_proj",
+            "image_grid_pinpoints",
+            "tokenizer_model_max_length",
+            "tokenizer_padding_side",
+            "unfreeze_mm_vision_tower",
+            "mm_projector_lr",
+            "auto_map",
+            "_name_or_path",
+        )
+    }
     base_type = {"llava_mistral": "mistral", "llava_qwen": "qwen2"}.get(config.get("model_type"), "llama")
     text_config = AutoConfig.for_model(base_type, **text_dict)
     vision_config = _vision_config(folder, config, state)
     if config.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise UnknownCheckpointError(f"{folder}: projector {config['mm_projector_type']!r} is not supported "
-                                     "(mlp2x_gelu only)")
+        raise UnknownCheckpointError(
+            f"{folder}: projector {config['mm_projector_type']!r} is not supported (mlp2x_gelu only)"
+        )
     select = config.get("mm_vision_select_feature", "patch")
     saisa_config = SaisaConfig(
-        text_config=text_config, vision_config=vision_config, architecture=architecture,
+        text_config=text_config,
+        vision_config=vision_config,
+        architecture=architecture,
         image_token_id=_image_token_id(folder),
         vision_feature_layer=config.get("mm_vision_select_layer", -2),
         vision_feature_select_strategy="default" if select == "patch" else "full",
@@ -132,7 +170,9 @@ def convert_llava_original(folder: str | Path, architecture: str | None = None):
                 index, kind = key.removeprefix("model.mm_projector.").split(".")
                 ours[f"projector.linear_{1 if index == '0' else 2}.{kind}"] = value
         elif key.startswith("model.vision_tower.vision_tower."):
-            ours["vision_tower.model." + _strip_vision_model(key.removeprefix("model.vision_tower.vision_tower."))] = value
+            ours["vision_tower.model." + _strip_vision_model(key.removeprefix("model.vision_tower.vision_tower."))] = (
+                value
+            )
         elif key.startswith("model."):
             ours["language_model." + key] = value
         elif key == "lm_head.weight":
@@ -165,8 +205,12 @@ _HF_PREFIXES = [  # (llava-hf prefix, ours), v5 names first
 ]
 
 
-_EXPORT_PREFIXES = [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
-                    ("vision_tower.model.", "model.vision_tower."), ("projector.", "model.multi_modal_projector.")]
+_EXPORT_PREFIXES = [
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.model.", "model.vision_tower."),
+    ("projector.", "model.multi_modal_projector."),
+]
 
 
 def convert_llava_hf(folder: str | Path, architecture: str | None = None):
@@ -176,8 +220,11 @@ def convert_llava_hf(folder: str | Path, architecture: str | None = None):
         raise UnknownCheckpointError(f"{folder}: only the LLaVA-1.5 projector (2 linears, GELU) is supported")
     architecture = architecture or "llava"
     saisa_config = SaisaConfig(
-        text_config=config.text_config, vision_config=config.vision_config, architecture=architecture,
-        image_token_id=config.image_token_id, vision_feature_layer=config.vision_feature_layer,
+        text_config=config.text_config,
+        vision_config=config.vision_config,
+        architecture=architecture,
+        image_token_id=config.image_token_id,
+        vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         projector_bias=getattr(config, "multimodal_projector_bias", True),
     )
@@ -212,8 +259,9 @@ def load_foreign(folder: str | Path, *, architecture: str | None = None, dtype: 
         allowed |= {k for k in missing if k.startswith(("layer_projectors.", "projector."))}  # new: stage align
     missing_real = sorted(missing - allowed)
     if missing_real:
-        raise UnknownCheckpointError(f"{folder}: weights missing for {len(missing_real)} parameter(s), e.g. "
-                                     f"{missing_real[:3]}")
+        raise UnknownCheckpointError(
+            f"{folder}: weights missing for {len(missing_real)} parameter(s), e.g. {missing_real[:3]}"
+        )
     unexpected = sorted(set(state) - expected)
     if unexpected:
         logger.warning("%s: ignoring %d unknown tensor(s), e.g. %s", folder, len(unexpected), unexpected[:3])
@@ -257,10 +305,15 @@ def export_llava_hf(model, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
-    LlavaConfig(vision_config=c.vision_config, text_config=c.text_config, image_token_index=c.image_token_id,
-                image_seq_length=model.tokens_per_image, vision_feature_layer=c.vision_feature_layer,
-                vision_feature_select_strategy=c.vision_feature_select_strategy,
-                multimodal_projector_bias=c.projector_bias).save_pretrained(folder)
+    LlavaConfig(
+        vision_config=c.vision_config,
+        text_config=c.text_config,
+        image_token_index=c.image_token_id,
+        image_seq_length=model.tokens_per_image,
+        vision_feature_layer=c.vision_feature_layer,
+        vision_feature_select_strategy=c.vision_feature_select_strategy,
+        multimodal_projector_bias=c.projector_bias,
+    ).save_pretrained(folder)
     state = {}
     for key, value in model.state_dict().items():
         for mine, theirs in _EXPORT_PREFIXES:

@@ -17,8 +17,14 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if on_cuda and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_pretrained(path: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
-                    architecture: str | None = None, image_cache_mib: int = 0):
+def load_pretrained(
+    path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    architecture: str | None = None,
+    image_cache_mib: int = 0,
+):
     """(model in eval mode, processor) from our folders, LLaVA-1.5 and llava-hf folders and the authors' SAISA releases
     (those three converted on load; `saisa convert` writes the converted folder once).
 
@@ -49,5 +55,8 @@ def load_pretrained(path: str | Path, *, device: str | torch.device | None = Non
 def add_device_arguments(parser) -> None:
     """--device / --dtype for every command that runs a model."""
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on a GPU that supports it, else float32")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="default: bfloat16 on a GPU that supports it, else float32",
+    )

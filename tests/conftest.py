@@ -22,8 +22,18 @@ from saisa.vision import ImagePreprocessing
 VOCAB = 120
 IMAGE_TOKEN = VOCAB  # outside the LLM vocabulary, as the processor's added <image> token is
 
-_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def text_config(family: str = "llama", **overrides):
@@ -38,16 +48,28 @@ def text_config(family: str = "llama", **overrides):
 
 
 def vision_config(kind: str = "clip"):
-    common = dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2, image_size=16,
-                  patch_size=4)
+    common = dict(
+        hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2, image_size=16, patch_size=4
+    )
     return CLIPVisionConfig(**common) if kind == "clip" else SiglipVisionConfig(**common)
 
 
-def tiny_model(architecture: str = "saisa", family: str = "llama", vision: str = "clip", seed: int = 0,
-               image_token_id: int = IMAGE_TOKEN, **config_kwargs) -> SaisaForConditionalGeneration:
+def tiny_model(
+    architecture: str = "saisa",
+    family: str = "llama",
+    vision: str = "clip",
+    seed: int = 0,
+    image_token_id: int = IMAGE_TOKEN,
+    **config_kwargs,
+) -> SaisaForConditionalGeneration:
     torch.manual_seed(seed)
-    config = SaisaConfig(text_config=text_config(family), vision_config=vision_config(vision),
-                         architecture=architecture, image_token_id=image_token_id, **config_kwargs)
+    config = SaisaConfig(
+        text_config=text_config(family),
+        vision_config=vision_config(vision),
+        architecture=architecture,
+        image_token_id=image_token_id,
+        **config_kwargs,
+    )
     model = SaisaForConditionalGeneration(config).eval()
     # Random-init biases are zero; make them matter so a reference that forgets one fails.
     with torch.no_grad():
@@ -58,7 +80,10 @@ def tiny_model(architecture: str = "saisa", family: str = "llama", vision: str =
 
 
 WORDS = ["<pad>", "<s>", "</s>", "user", "assistant", ":", "what", "is", "this", "?", "a", "cat", "and", "\n"]
-TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def tiny_processor(image_size: int = 16) -> SaisaProcessor:
@@ -86,9 +111,14 @@ def hf_llava_with_weights_of(model, *, image_token_index: int):
     """transformers' LlavaForConditionalGeneration holding our `llava` model's weights (mapped by hand)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    config = LlavaConfig(vision_config=model.config.vision_config, text_config=model.config.text_config,
-                         image_token_index=image_token_index, image_seq_length=model.tokens_per_image,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config = LlavaConfig(
+        vision_config=model.config.vision_config,
+        text_config=model.config.text_config,
+        image_token_index=image_token_index,
+        image_seq_length=model.tokens_per_image,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     hf = LlavaForConditionalGeneration(config).eval()
     state = {f"model.language_model.{k}": v for k, v in model.language_model.model.state_dict().items()}
     state["lm_head.weight"] = model.language_model.lm_head.weight

@@ -18,7 +18,7 @@ def _rope(x, positions, theta):  # x (heads, n, d), positions (n,)
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
     angles = positions[:, None].float() * inv_freq[None]  # (n, d/2)
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-    rotated = torch.cat([-x[..., d // 2:], x[..., : d // 2]], -1)
+    rotated = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
     return x * cos + rotated * sin
 
 

@@ -6,8 +6,26 @@ import json
 
 from saisa.cli import main
 
-TINY = ["--hidden", "64", "--ffn", "128", "--layers", "2", "--heads", "4", "--vocab", "256", "--text-tokens", "8",
-        "--visual-tokens", "16", "--decode-tokens", "2", "--repeats", "1"]
+TINY = [
+    "--hidden",
+    "64",
+    "--ffn",
+    "128",
+    "--layers",
+    "2",
+    "--heads",
+    "4",
+    "--vocab",
+    "256",
+    "--text-tokens",
+    "8",
+    "--visual-tokens",
+    "16",
+    "--decode-tokens",
+    "2",
+    "--repeats",
+    "1",
+]
 
 
 def test_bench_writes_json_and_png(tmp_path):
@@ -25,8 +43,10 @@ def test_image_cache_bench_reports_a_ratio_and_hits(tmp_path):
 
 
 def test_flops_cli_writes_report_and_plot(tmp_path):
-    assert main(["flops", "--preset", "vicuna-7b", "--json", str(tmp_path / "f.json"),
-                 "--plot", str(tmp_path / "f.png")]) == 0
+    assert (
+        main(["flops", "--preset", "vicuna-7b", "--json", str(tmp_path / "f.json"), "--plot", str(tmp_path / "f.png")])
+        == 0
+    )
     report = json.loads((tmp_path / "f.json").read_text())
     saved = 1 - report["prefill"]["saisa"]["total"] / report["prefill"]["llava"]["total"]
     assert abs(saved - 0.665) < 0.01 and (tmp_path / "f.png").exists()

@@ -19,17 +19,26 @@ MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
 
 def _generate(model, ids, mask, pixels, **kwargs):
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=6,
-                             do_sample=False, pad_token_id=0, **kwargs)
-    return out[:, ids.shape[1]:]
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values=pixels,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            **kwargs,
+        )
+    return out[:, ids.shape[1] :]
 
 
 @pytest.mark.parametrize("arch", ["saisa", "llava", "naavit"])
 def test_beam_search_on_a_batch_equals_each_sample_alone(arch):
     model, pixels = tiny_model(arch), images(3)
     batched = _generate(model, IDS, MASK, pixels, num_beams=3, num_return_sequences=2)
-    alone = [_generate(model, IDS[:1], MASK[:1], pixels[:2], num_beams=3, num_return_sequences=2),
-             _generate(model, IDS[1:, 2:], MASK[1:, 2:], pixels[2:], num_beams=3, num_return_sequences=2)]
+    alone = [
+        _generate(model, IDS[:1], MASK[:1], pixels[:2], num_beams=3, num_return_sequences=2),
+        _generate(model, IDS[1:, 2:], MASK[1:, 2:], pixels[2:], num_beams=3, num_return_sequences=2),
+    ]
     torch.testing.assert_close(batched, torch.cat(alone))
 
 
@@ -51,8 +60,11 @@ def test_assisted_decoding_equals_greedy(draft):
     model, pixels = tiny_model("saisa"), images(2)
     ids, mask = IDS[:1], MASK[:1]
     greedy = _generate(model, ids, mask, pixels[:2], max_length=None)
-    kwargs = ({"prompt_lookup_num_tokens": 3} if draft == "prompt_lookup"
-              else {"assistant_model": tiny_model("saisa", seed=1)})  # another model: most drafts are rejected
+    kwargs = (
+        {"prompt_lookup_num_tokens": 3}
+        if draft == "prompt_lookup"
+        else {"assistant_model": tiny_model("saisa", seed=1)}
+    )  # another model: most drafts are rejected
     torch.testing.assert_close(_generate(model, ids, mask, pixels[:2], **kwargs), greedy)
 
 

@@ -41,31 +41,46 @@ def _write_run(tmp_path, records: list | None = None, **model_kwargs) -> dict:
     processor.save_pretrained(tmp_path / "init")
     records = records if records is not None else [_record(i, ["a cat", "this is a cat"][i % 2]) for i in range(4)]
     return {
-        "architecture": "saisa", "stage": "instruct", "model": {"init": str(tmp_path / "init")},
-        "data": _write_data(tmp_path, records), "output_dir": str(tmp_path / "out"),
-        "training": {"per_device_train_batch_size": 2, "max_steps": 2, "learning_rate": 1e-2, "warmup_steps": 0,
-                     "lr_scheduler_type": "constant", "logging_steps": 1, "save_steps": 100, "seed": 0},
+        "architecture": "saisa",
+        "stage": "instruct",
+        "model": {"init": str(tmp_path / "init")},
+        "data": _write_data(tmp_path, records),
+        "output_dir": str(tmp_path / "out"),
+        "training": {
+            "per_device_train_batch_size": 2,
+            "max_steps": 2,
+            "learning_rate": 1e-2,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 1,
+            "save_steps": 100,
+            "seed": 0,
+        },
     }
 
 
 def _dataset(tmp_path, **kwargs) -> LlavaJsonDataset:
-    return LlavaJsonDataset(tmp_path / "train.json", tmp_path, tiny_processor(), template="tokenizer",
-                            tokens_per_image=16, **kwargs)
+    return LlavaJsonDataset(
+        tmp_path / "train.json", tmp_path, tiny_processor(), template="tokenizer", tokens_per_image=16, **kwargs
+    )
 
 
 # --- recipes -------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("override", "key", "nearest"), [
-    ("data.max_lenght=5", "data.max_lenght", "data.max_length"),
-    ("trainig.learning_rate=0.1", "trainig", "training"),
-    ("training.learnig_rate=0.1", "training.learnig_rate", "training.learning_rate"),
-    ("training.activation_checkpoint=true", "training.activation_checkpoint", "training.activation_checkpointing"),
-    ("training.group_by_lenght=false", "training.group_by_lenght", "training.group_by_length"),
-    ("model.shared_projecter=true", "model.shared_projecter", "model.shared_projector"),
-    ("lora.alpah=8", "lora.alpah", "lora.alpha"),
-    ("freeze_lm=true", "freeze_lm", "freeze_llm"),
-])
+@pytest.mark.parametrize(
+    ("override", "key", "nearest"),
+    [
+        ("data.max_lenght=5", "data.max_lenght", "data.max_length"),
+        ("trainig.learning_rate=0.1", "trainig", "training"),
+        ("training.learnig_rate=0.1", "training.learnig_rate", "training.learning_rate"),
+        ("training.activation_checkpoint=true", "training.activation_checkpoint", "training.activation_checkpointing"),
+        ("training.group_by_lenght=false", "training.group_by_lenght", "training.group_by_length"),
+        ("model.shared_projecter=true", "model.shared_projecter", "model.shared_projector"),
+        ("lora.alpah=8", "lora.alpah", "lora.alpha"),
+        ("freeze_lm=true", "freeze_lm", "freeze_llm"),
+    ],
+)
 def test_an_unknown_key_names_itself_and_the_nearest_valid_one(override, key, nearest):
     with pytest.raises(ValueError, match=re.escape(f"unknown recipe key `{key}`; did you mean `{nearest}`?")):
         load_recipe("embedded-instruct", [override])
@@ -88,21 +103,31 @@ def test_an_unknown_key_in_a_recipe_file_is_refused_too(tmp_path):
 def test_valid_keys_and_every_shipped_recipe_load():
     for path in RECIPES_DIR.glob("*.yaml"):
         load_recipe(path)
-    recipe = load_recipe("vicuna7b-clip336-instruct", [
-        "training.gradient_checkpointing=true", "training.group_by_length=false", "expand_shared_projector=false",
-        "training.fsdp_config.transformer_layer_cls_to_wrap=[LlamaDecoderLayer]", "data.skip_bad_images=true"])
+    recipe = load_recipe(
+        "vicuna7b-clip336-instruct",
+        [
+            "training.gradient_checkpointing=true",
+            "training.group_by_length=false",
+            "expand_shared_projector=false",
+            "training.fsdp_config.transformer_layer_cls_to_wrap=[LlamaDecoderLayer]",
+            "data.skip_bad_images=true",
+        ],
+    )
     assert recipe["training"]["fsdp_config"] == {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}
 
 
 def test_scientific_notation_is_a_float_in_files_and_overrides(tmp_path):
     path = tmp_path / "recipe.yaml"
-    path.write_text("stage: instruct\ntraining: {learning_rate: 2e-4, adam_epsilon: 1E-8, max_grad_norm: 1e0}\n"
-                    "output_dir: runs/1e5x\n")
+    path.write_text(
+        "stage: instruct\ntraining: {learning_rate: 2e-4, adam_epsilon: 1E-8, max_grad_norm: 1e0}\n"
+        "output_dir: runs/1e5x\n"
+    )
     training = load_recipe(path)["training"]
     assert training == {"learning_rate": 2e-4, "adam_epsilon": 1e-8, "max_grad_norm": 1.0}
     assert all(isinstance(value, float) for value in training.values())
-    recipe = load_recipe(path, ["training.learning_rate=3e-5", "training.weight_decay=1E5", "lora.dropout=.5e-1",
-                                "output_dir=2e-4x"])
+    recipe = load_recipe(
+        path, ["training.learning_rate=3e-5", "training.weight_decay=1E5", "lora.dropout=.5e-1", "output_dir=2e-4x"]
+    )
     assert recipe["training"]["learning_rate"] == 3e-5 and recipe["training"]["weight_decay"] == 1e5
     assert recipe["lora"]["dropout"] == 0.05 and recipe["output_dir"] == "2e-4x"
     assert yaml.safe_load("x: 2e-4") == {"x": "2e-4"}  # PyYAML's own SafeLoader is left as it is
@@ -117,8 +142,14 @@ def test_merge_lora_after_align_with_a_shared_projector_and_lora_instruct(tmp_pa
     recipe = _write_run(tmp_path, shared_projector=True)
     align = run_training({**recipe, "stage": "align", "output_dir": str(tmp_path / "align")})
     assert "projector.linear_1.weight" in load_file(align / "model.safetensors")
-    instruct = run_training({**recipe, "model": {"init": str(align)}, "output_dir": str(tmp_path / "instruct"),
-                             "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})
+    instruct = run_training(
+        {
+            **recipe,
+            "model": {"init": str(align)},
+            "output_dir": str(tmp_path / "instruct"),
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        }
+    )
     saved = load_file(instruct / "model.safetensors")
     assert "layer_projectors.2.linear_1.weight" in saved
 
@@ -136,27 +167,41 @@ def test_merge_lora_after_align_with_a_shared_projector_and_lora_instruct(tmp_pa
 
 BROKEN_RECORDS = {
     "a string record": ("hello", r"record 2: a record must be a JSON object, got \"hello\""),
-    "no conversations": ({"id": "b", "image": "img0.png"},
-                         r"record 2, sample b: `conversations` must be a non-empty list of turns, got null"),
+    "no conversations": (
+        {"id": "b", "image": "img0.png"},
+        r"record 2, sample b: `conversations` must be a non-empty list of turns, got null",
+    ),
     "empty conversations": ({"id": "b", "conversations": []}, r"record 2, sample b: `conversations` must be"),
     "a turn that is not an object": ({"conversations": ["hi"]}, r"record 2: turn 0 must be a JSON object"),
-    "value null": ({"id": "b", "conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "a"}]},
-                   r"record 2, sample b: turn 0: `value` must be a string, got null"),
-    "value not a string": ({"id": "b", "conversations": [{"from": "human", "value": "hi"},
-                                                         {"from": "gpt", "value": 5}]},
-                           r"record 2, sample b: turn 1: `value` must be a string, got 5"),
+    "value null": (
+        {"id": "b", "conversations": [{"from": "human", "value": None}, {"from": "gpt", "value": "a"}]},
+        r"record 2, sample b: turn 0: `value` must be a string, got null",
+    ),
+    "value not a string": (
+        {"id": "b", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": 5}]},
+        r"record 2, sample b: turn 1: `value` must be a string, got 5",
+    ),
     "no value": ({"id": 7, "conversations": [{"from": "human"}]}, r"record 2, sample 7: turn 0: `value` must be"),
-    "unknown role": ({"id": "b", "conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]},
-                     r"record 2, sample b: turn 1: unknown conversation role 'bot'"),
-    "system turn not first": ({"id": "b", "conversations": [{"from": "human", "value": "hi"},
-                                                            {"from": "system", "value": "be nice"}]},
-                              r"record 2, sample b: turn 1: a system turn may only come first"),
-    "more images than placeholders": ({"id": "b", "image": ["img0.png", "img1.png"], "conversations": [
-        QUESTION, {"from": "gpt", "value": "a"}]}, r"record 2, sample b: 1 <image> placeholder\(s\) but 2 image\(s\)"),
-    "placeholder without image": ({"id": "b", "conversations": [QUESTION, {"from": "gpt", "value": "a"}]},
-                                  r"record 2, sample b: 1 <image> placeholder\(s\) but 0 image\(s\)"),
-    "image not a name": ({"id": "b", "image": 3, "conversations": [QUESTION, {"from": "gpt", "value": "a"}]},
-                         r"record 2, sample b: `image`/`images` must be a file name or a list of them, got 3"),
+    "unknown role": (
+        {"id": "b", "conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]},
+        r"record 2, sample b: turn 1: unknown conversation role 'bot'",
+    ),
+    "system turn not first": (
+        {"id": "b", "conversations": [{"from": "human", "value": "hi"}, {"from": "system", "value": "be nice"}]},
+        r"record 2, sample b: turn 1: a system turn may only come first",
+    ),
+    "more images than placeholders": (
+        {"id": "b", "image": ["img0.png", "img1.png"], "conversations": [QUESTION, {"from": "gpt", "value": "a"}]},
+        r"record 2, sample b: 1 <image> placeholder\(s\) but 2 image\(s\)",
+    ),
+    "placeholder without image": (
+        {"id": "b", "conversations": [QUESTION, {"from": "gpt", "value": "a"}]},
+        r"record 2, sample b: 1 <image> placeholder\(s\) but 0 image\(s\)",
+    ),
+    "image not a name": (
+        {"id": "b", "image": 3, "conversations": [QUESTION, {"from": "gpt", "value": "a"}]},
+        r"record 2, sample b: `image`/`images` must be a file name or a list of them, got 3",
+    ),
 }
 
 
@@ -173,12 +218,15 @@ def test_a_broken_record_names_file_and_index_or_is_skipped(tmp_path, case):
     assert len(lenient.lengths) == 3
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b'[{"id": "0", "conversations": []},\n  oops]', r"invalid JSON: Expecting value: line 2 column 3"),
-    ('[{"id": "caf\u00e9"}]'.encode("latin-1"), r"not UTF-8 text"),
-    (b"[]", r"the list of records is empty"),
-    (b'{"conversations": []}', r"must hold a JSON list of LLaVA records"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'[{"id": "0", "conversations": []},\n  oops]', r"invalid JSON: Expecting value: line 2 column 3"),
+        ('[{"id": "caf\u00e9"}]'.encode("latin-1"), r"not UTF-8 text"),
+        (b"[]", r"the list of records is empty"),
+        (b'{"conversations": []}', r"must hold a JSON list of LLaVA records"),
+    ],
+)
 def test_an_unreadable_file_is_named(tmp_path, content, message):
     (tmp_path / "train.json").write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "train.json")) + ".*" + message):
@@ -194,7 +242,7 @@ def test_a_utf8_file_with_a_bom_loads(tmp_path):
 @pytest.mark.parametrize("answers", [[None, None], ["", "  "]], ids=["no assistant turn", "empty assistant turns"])
 def test_a_dataset_with_nothing_to_learn_is_refused_before_training(tmp_path, capsys, answers):
     records = [{"id": str(i), "image": f"img{i}.png", "conversations": [QUESTION]} for i in range(2)]
-    for record, answer in zip(records, answers):
+    for record, answer in zip(records, answers, strict=True):
         if answer is not None:
             record["conversations"] = [QUESTION, {"from": "gpt", "value": answer}]
     recipe = _write_run(tmp_path, records)

@@ -43,8 +43,11 @@ def _engines(tmp_path: Path) -> dict[str, dict]:
         offload = json.loads((DEEPSPEED_DIR / "zero3_offload.json").read_text())
         offload["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # every parameter partitioned
         (tmp_path / "zero3_offload_all.json").write_text(json.dumps(offload))
-        engines |= {"zero2": {"deepspeed": "zero2"}, "zero3": {"deepspeed": "zero3"},
-                    "zero3_offload": {"deepspeed": str(tmp_path / "zero3_offload_all.json")}}
+        engines |= {
+            "zero2": {"deepspeed": "zero2"},
+            "zero3": {"deepspeed": "zero3"},
+            "zero3_offload": {"deepspeed": str(tmp_path / "zero3_offload_all.json")},
+        }
     return engines
 
 
@@ -52,8 +55,14 @@ def _plan(tmp_path: Path, arch: str) -> list[dict]:
     from test_training import _write_run
 
     base = _write_run(tmp_path, arch, samples=8)
-    base["training"] = {**base["training"], "per_device_train_batch_size": 4, "max_steps": STEPS,
-                        "learning_rate": 1e-3, "max_grad_norm": 1.0, "save_strategy": "no"}
+    base["training"] = {
+        **base["training"],
+        "per_device_train_batch_size": 4,
+        "max_steps": STEPS,
+        "learning_rate": 1e-3,
+        "max_grad_norm": 1.0,
+        "save_strategy": "no",
+    }
     runs = {name: {"training": overrides} for name, overrides in _engines(tmp_path).items()}
     if arch == "saisa":
         lora = {"lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
@@ -78,11 +87,30 @@ def _launch(arch: str, tmp_path_factory) -> dict[str, Path]:
         plan = _plan(tmp_path, arch)
         (tmp_path / "plan.json").write_text(json.dumps(plan))
         # CPU ranks even on a GPU machine; DeepSpeed's CPU accelerator then uses torchrun's gloo process group.
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu",
-               "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-        launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                 "2", __file__, str(tmp_path / "plan.json")], check=False, capture_output=True, text=True,
-                                env=env, timeout=600)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+            "DS_ACCELERATOR": "cpu",
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        }
+        launch = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                __file__,
+                str(tmp_path / "plan.json"),
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         failure = None if launch.returncode == 0 else launch.stdout[-4000:] + launch.stderr[-4000:]
         _LAUNCHES[arch] = failure, {run["name"]: Path(run["recipe"]["output_dir"]) for run in plan}
     failure, outputs = _LAUNCHES[arch]
@@ -123,9 +151,11 @@ def _assert_matches_ddp(out: Path, ddp: Path) -> None:
     assert got_weights.keys() == want_weights.keys()
     largest = max((got_weights[key] - value).abs().max().item() for key, value in want_weights.items())
     architecture = json.loads((out / "training_report.json").read_text())["architecture"]
-    print(f"\n{architecture} {out.name}: losses {[e['loss'] for e in _logs(out)]}, grad norms "
-          f"{[round(e['grad_norm'], 6) for e in _logs(out)]}, max |dw| vs {ddp.name} {largest:.1e}; rank 0 holds "
-          "{local} of {full} elements, {partitioned} of {params} parameters partitioned".format(**_shards(out)[0]))
+    print(
+        f"\n{architecture} {out.name}: losses {[e['loss'] for e in _logs(out)]}, grad norms "
+        f"{[round(e['grad_norm'], 6) for e in _logs(out)]}, max |dw| vs {ddp.name} {largest:.1e}; rank 0 holds "
+        "{local} of {full} elements, {partitioned} of {params} parameters partitioned".format(**_shards(out)[0])
+    )
     for key, value in want_weights.items():
         torch.testing.assert_close(got_weights[key], value, atol=WEIGHT_ATOL, rtol=1e-5, msg=f"{out.name}: {key}")
     for name in ("saisa_processor.json", "training_report.json", "loss.png"):

@@ -23,7 +23,8 @@ def test_embedded_default_is_real_and_answers_text_like_the_bare_llm(embedded):
     assert model.config.text_config.num_hidden_layers == 30 and model.tokens_per_image == 49
     assert len(model.layer_projectors) == 30
     assert answer(model, processor, [], "What is the capital of France?", max_new_tokens=12).startswith(
-        "The capital of France is Paris")
+        "The capital of France is Paris"
+    )
 
 
 def test_embedded_default_batches_real_photos(embedded):
@@ -32,12 +33,14 @@ def test_embedded_default_batches_real_photos(embedded):
 
     model, processor = embedded
     photos = [Image.fromarray(data.chelsea()), Image.fromarray(data.astronaut())]
-    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}])
-               for q in ("What is this?", "Describe the picture in detail, please.")]
+    prompts = [
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}])
+        for q in ("What is this?", "Describe the picture in detail, please.")
+    ]
     batch = processor(prompts, images=photos)
     with torch.no_grad():
         batched = model(**batch).logits
         for row in range(2):
             single = processor(prompts[row], images=[photos[row]])
             logits = model(**single).logits[0]
-            torch.testing.assert_close(batched[row, -logits.shape[0]:], logits, atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(batched[row, -logits.shape[0] :], logits, atol=2e-4, rtol=1e-4)

@@ -18,16 +18,19 @@ from saisa.evaluation import evaluate, exact_match, extract_choice, normalize_an
 from saisa.evaluation.scoring import continuation_loglikelihood
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("The Cat.", "cat"),
-    ("  an apple, please! ", "apple please"),
-    ("Two", "2"),
-    ("1,000", "1000"),
-    ("3.5", "3.5"),  # a decimal point stays
-    ("dont", "don't"),
-    ("T-shirt/top", "t shirt top"),
-    ("Yes\n", "yes"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("The Cat.", "cat"),
+        ("  an apple, please! ", "apple please"),
+        ("Two", "2"),
+        ("1,000", "1000"),
+        ("3.5", "3.5"),  # a decimal point stays
+        ("dont", "don't"),
+        ("T-shirt/top", "t shirt top"),
+        ("Yes\n", "yes"),
+    ],
+)
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
 
@@ -37,10 +40,18 @@ def test_exact_match_accepts_any_listed_answer():
     assert exact_match("three dogs", ["2 dogs"]) == 0.0
 
 
-@pytest.mark.parametrize("prediction, expected", [
-    ("B", "B"), ("(C) a dog", "C"), ("A. cat", "A"), ("The answer is a dog", "C"), ("cat or dog", None),
-    ("E", None), ("", None),
-])
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [
+        ("B", "B"),
+        ("(C) a dog", "C"),
+        ("A. cat", "A"),
+        ("The answer is a dog", "C"),
+        ("cat or dog", None),
+        ("E", None),
+        ("", None),
+    ],
+)
 def test_extract_choice(prediction, expected):
     assert extract_choice(prediction, {"A": "cat", "B": "bird", "C": "dog"}) == expected
 
@@ -73,8 +84,9 @@ def _questions(tmp_path):
 
 def test_eval_outputs_are_complete_and_missing_images_reported(tmp_path):
     model, processor = tiny_model("saisa"), tiny_chat_processor()
-    metrics = evaluate(model, processor, _questions(tmp_path), tmp_path, out_dir=tmp_path / "out", batch_size=2,
-                       max_new_tokens=3)
+    metrics = evaluate(
+        model, processor, _questions(tmp_path), tmp_path, out_dir=tmp_path / "out", batch_size=2, max_new_tokens=3
+    )
     assert metrics["questions"] == 5 and metrics["answered"] == 4 and metrics["missing_images"] == 1
     assert set(metrics["pope"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
     records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
@@ -91,8 +103,23 @@ def test_eval_cli(tmp_path):
     model.save_pretrained(tmp_path / "m")
     processor.save_pretrained(tmp_path / "m")
     questions = _questions(tmp_path)
-    assert main(["eval", str(tmp_path / "m"), "--questions", str(questions), "--image-folder", str(tmp_path),
-                 "--out", str(tmp_path / "o"), "--max-new-tokens", "2"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "m"),
+                "--questions",
+                str(questions),
+                "--image-folder",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "o" / "metrics.json").exists()
 
 
@@ -100,8 +127,9 @@ def test_continuation_loglikelihood_against_a_manual_sum():
     model, processor = tiny_model("saisa"), tiny_chat_processor()
     image = Image.new("RGB", (16, 16), "white")
     logprob, greedy = continuation_loglikelihood(model, processor, "what ?", [image], "w20 w21")
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                         {"type": "text", "text": "what ?"}]}])
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what ?"}]}]
+    )
     inputs = processor(prompt, images=[image])
     total, ids, pixels = 0.0, inputs["input_ids"], inputs["pixel_values"]
     with torch.no_grad():
@@ -113,7 +141,7 @@ def test_continuation_loglikelihood_against_a_manual_sum():
     assert isinstance(greedy, bool)
 
 
-TASK_UTILS = '''
+TASK_UTILS = """
 from PIL import Image
 
 
@@ -135,7 +163,7 @@ def doc_to_target_index(doc):
 
 def process_results(doc, results):
     return {"exact_match": float(results[0].strip() == doc["answer"])}
-'''
+"""
 
 
 def test_lmms_eval_plugin_answers_local_tasks(tmp_path):
@@ -146,8 +174,14 @@ def test_lmms_eval_plugin_answers_local_tasks(tmp_path):
     docs = []
     for i in range(4):
         Image.new("RGB", (16, 16), (60 * i, 20, 20)).save(tmp_path / f"img{i}.png")
-        docs.append({"image": str(tmp_path / f"img{i}.png"), "question": "what is this ?",
-                     "answer": f"w{20 + i}", "options": [f"w{20 + i}", "w50"]})
+        docs.append(
+            {
+                "image": str(tmp_path / f"img{i}.png"),
+                "question": "what is this ?",
+                "answer": f"w{20 + i}",
+                "options": [f"w{20 + i}", "w50"],
+            }
+        )
     (tmp_path / "docs.json").write_text(json.dumps(docs))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -156,12 +190,13 @@ def test_lmms_eval_plugin_answers_local_tasks(tmp_path):
         dataset_path: json
         dataset_kwargs:
           data_files:
-            test: {tmp_path / 'docs.json'}
+            test: {tmp_path / "docs.json"}
         test_split: test
         doc_to_visual: !function utils.doc_to_visual
         doc_to_text: !function utils.doc_to_text
     """
-    (tasks / "saisa_local_vqa.yaml").write_text(textwrap.dedent("""
+    (tasks / "saisa_local_vqa.yaml").write_text(
+        textwrap.dedent("""
         task: saisa_local_vqa
         output_type: generate_until
         doc_to_target: answer
@@ -169,21 +204,45 @@ def test_lmms_eval_plugin_answers_local_tasks(tmp_path):
         process_results: !function utils.process_results
         metric_list:
           - {metric: exact_match, aggregation: mean, higher_is_better: true}
-    """) + textwrap.dedent(common))
-    (tasks / "saisa_local_mc.yaml").write_text(textwrap.dedent("""
+    """)
+        + textwrap.dedent(common)
+    )
+    (tasks / "saisa_local_mc.yaml").write_text(
+        textwrap.dedent("""
         task: saisa_local_mc
         output_type: multiple_choice
         doc_to_choice: !function utils.doc_to_choice
         doc_to_target: !function utils.doc_to_target_index
         metric_list:
           - {metric: acc, aggregation: mean, higher_is_better: true}
-    """) + textwrap.dedent(common))
+    """)
+        + textwrap.dedent(common)
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     done = subprocess.run(
-        [sys.executable, "-m", "lmms_eval", "eval", "--model", "saisa", "--model_args",
-         f"pretrained={tmp_path / 'model'}", "--tasks", "saisa_local_vqa,saisa_local_mc", "--include_path",
-         str(tasks), "--batch_size", "2", "--output_path", str(tmp_path / "results")],
-        capture_output=True, text=True, env=env, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "lmms_eval",
+            "eval",
+            "--model",
+            "saisa",
+            "--model_args",
+            f"pretrained={tmp_path / 'model'}",
+            "--tasks",
+            "saisa_local_vqa,saisa_local_mc",
+            "--include_path",
+            str(tasks),
+            "--batch_size",
+            "2",
+            "--output_path",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("*results.json")]
     assert results, done.stdout[-2000:]

@@ -47,8 +47,24 @@ def test_one_loader_opens_our_folders_and_llava_hf_folders_with_their_processor(
     from saisa.cli import main
 
     for name in ("ours", "hf"):  # what `saisa chat` and `saisa serve` open too
-        assert main(["ask", str(tmp_path / name), "what is this ?", "--image", str(tmp_path / "a.png"),
-                     "--max-new-tokens", "2", "--device", "cpu", "--dtype", "float32"]) == 0
+        assert (
+            main(
+                [
+                    "ask",
+                    str(tmp_path / name),
+                    "what is this ?",
+                    "--image",
+                    str(tmp_path / "a.png"),
+                    "--max-new-tokens",
+                    "2",
+                    "--device",
+                    "cpu",
+                    "--dtype",
+                    "float32",
+                ]
+            )
+            == 0
+        )
 
 
 def test_stop_strings_end_the_row_early_and_are_cut():

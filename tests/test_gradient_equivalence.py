@@ -27,9 +27,15 @@ def _recipe(tmp_path, arch: str, name: str, batch: int, accumulation: int) -> di
     recipe = _write_run(tmp_path, arch, samples=8)
     recipe["output_dir"] = str(tmp_path / name)
     # 8 samples and a global batch of 8: every step sees all of them, whatever the order or split.
-    recipe["training"] = {**recipe["training"], "per_device_train_batch_size": batch,
-                          "gradient_accumulation_steps": accumulation, "max_steps": STEPS, "save_steps": STEPS,
-                          "learning_rate": 1e-3, "max_grad_norm": 1.0}
+    recipe["training"] = {
+        **recipe["training"],
+        "per_device_train_batch_size": batch,
+        "gradient_accumulation_steps": accumulation,
+        "max_steps": STEPS,
+        "save_steps": STEPS,
+        "learning_rate": 1e-3,
+        "max_grad_norm": 1.0,
+    }
     return recipe
 
 
@@ -46,9 +52,24 @@ def test_batch_accumulation_and_ranks_give_the_same_step(tmp_path, arch):
     recipe = _recipe(tmp_path, arch, "ranks", batch=4, accumulation=1)
     (tmp_path / "ranks.yaml").write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "saisa.cli", "train", str(tmp_path / "ranks.yaml")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "saisa.cli",
+            "train",
+            str(tmp_path / "ranks.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = tmp_path / "ranks"
 

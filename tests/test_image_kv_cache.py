@@ -21,13 +21,17 @@ def test_cached_generation_equals_uncached_at_other_positions_and_prompts():
     model = tiny_model("saisa")
     px = images(2)
     prompts = [([5, I, 6], px[:1]), ([7, 8, 9, 10, I, 11], px[:1]), ([I, 12, I, 13], px[[1, 0]])]
-    plain = [model.generate(torch.tensor([ids]), pixel_values=p, max_new_tokens=6, do_sample=False, pad_token_id=0)
-             for ids, p in prompts]
+    plain = [
+        model.generate(torch.tensor([ids]), pixel_values=p, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        for ids, p in prompts
+    ]
     model.image_kv_cache = ImageKVCache()
     calls = []
     hook = model.vision_tower.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
-    cached = [model.generate(torch.tensor([ids]), pixel_values=p, max_new_tokens=6, do_sample=False, pad_token_id=0)
-              for ids, p in prompts]
+    cached = [
+        model.generate(torch.tensor([ids]), pixel_values=p, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        for ids, p in prompts
+    ]
     hook.remove()
     for a, b in zip(plain, cached, strict=True):
         assert torch.equal(a, b)
@@ -66,6 +70,7 @@ def test_training_bypasses_the_cache():
 
 
 # -- the cache cannot go wrong: weights version, dtype, gradients, true bytes ------------------------------------------
+
 
 def _uncached_copy(model):
     """A deep copy of `model` without an image KV cache: what every cached result must equal."""
@@ -109,8 +114,9 @@ def test_load_state_dict_and_replaced_parameters_make_cached_kv_stale():
     with torch.no_grad():
         model(IDS, pixel_values=images(1))
         model.load_state_dict(other.state_dict())
-        torch.testing.assert_close(model(IDS, pixel_values=images(1)).logits,
-                                   other(IDS, pixel_values=images(1)).logits, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            model(IDS, pixel_values=images(1)).logits, other(IDS, pixel_values=images(1)).logits, atol=1e-6, rtol=1e-6
+        )
         v_proj = model.language_model.model.layers[1].self_attn.v_proj
         v_proj.weight = nn.Parameter(torch.randn_like(v_proj.weight))
         got = model(IDS, pixel_values=images(1)).logits

@@ -24,10 +24,17 @@ def write_authors_layout(model, folder, *, bin_weights: bool = True) -> None:
     (folder / "clip").mkdir()
     model.config.vision_config.save_pretrained(folder / "clip")
     config = model.config.text_config.to_dict()
-    config.update(model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"], mm_vision_tower="clip",
-                  mm_hidden_size=model.vision_tower.hidden_size, mm_projector_type="mlp2x_gelu",
-                  mm_vision_select_layer=-2, mm_vision_select_feature="patch", image_aspect_ratio="pad",
-                  use_mm_proj=True)
+    config.update(
+        model_type="llava_llama",
+        architectures=["LlavaLlamaForCausalLM"],
+        mm_vision_tower="clip",
+        mm_hidden_size=model.vision_tower.hidden_size,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        image_aspect_ratio="pad",
+        use_mm_proj=True,
+    )
     (folder / "config.json").write_text(json.dumps(config))
     state = {}
     for key, value in model.state_dict().items():
@@ -44,8 +51,10 @@ def write_authors_layout(model, folder, *, bin_weights: bool = True) -> None:
             _, linear, kind = key.split(".")
             state[f"model.mm_projector.{0 if linear == 'linear_1' else 2}.{kind}"] = value
     if model.config.architecture == "saisa":  # the release keeps a vestigial model-level projector
-        for index, shape in ((0, (model.config.text_config.hidden_size, model.vision_tower.hidden_size)),
-                             (2, (model.config.text_config.hidden_size,) * 2)):
+        for index, shape in (
+            (0, (model.config.text_config.hidden_size, model.vision_tower.hidden_size)),
+            (2, (model.config.text_config.hidden_size,) * 2),
+        ):
             state[f"model.mm_projector.{index}.weight"] = torch.randn(shape)
             state[f"model.mm_projector.{index}.bias"] = torch.randn(shape[0])
     state = {k: v.clone().contiguous() for k, v in state.items()}
@@ -102,9 +111,10 @@ def test_llava_hf_layout_loads_and_exports_back(tmp_path):
     exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "exported").eval()
     expanded = torch.tensor([[5, 6] + [3] * v + [7, 8, 9]])
     with torch.no_grad():
-        torch.testing.assert_close(exported(input_ids=expanded, pixel_values=images(1)).logits,
-                                   hf_llava_with_weights_of(ours, image_token_index=3)(
-                                       input_ids=expanded, pixel_values=images(1)).logits)
+        torch.testing.assert_close(
+            exported(input_ids=expanded, pixel_values=images(1)).logits,
+            hf_llava_with_weights_of(ours, image_token_index=3)(input_ids=expanded, pixel_values=images(1)).logits,
+        )
 
 
 def test_saisa_from_a_llava_checkpoint_keeps_llm_and_vision(tmp_path):
@@ -124,8 +134,9 @@ def test_convert_cli_writes_a_folder_with_the_training_template(tmp_path):
     assert main(["convert", str(tmp_path / "release"), str(tmp_path / "ours")]) == 0
     processor = SaisaProcessor.from_pretrained(tmp_path / "ours")
     assert processor.template == "vicuna_v1"
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                         {"type": "text", "text": "What?"}]}])
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    )
     assert prompt.endswith("USER: <image>\nWhat? ASSISTANT:") and prompt.startswith("<s>A chat between")
     model = SaisaForConditionalGeneration.from_pretrained(tmp_path / "ours")
     assert model.config.image_token_id == processor.image_token_id
@@ -159,5 +170,6 @@ def test_llama3_checkpoints_get_the_llava_llama3_template(tmp_path):
     model = SaisaForConditionalGeneration.from_pretrained(tmp_path / "release")
     processor = processor_for_foreign(tmp_path / "release", model, template="llama3")
     prompt = processor.apply_chat_template([{"role": "user", "content": "hi"}])
-    assert prompt.endswith("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
-                           "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert prompt.endswith(
+        "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )

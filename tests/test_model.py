@@ -47,8 +47,12 @@ def test_shared_projector_matches_reference():
     assert not hasattr(model, "layer_projectors")
     ids = torch.tensor([5, I, 7, 8])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids[None], pixel_values=images(1)).logits[0],
-                                   reference_logits(model, ids, images(1)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(ids[None], pixel_values=images(1)).logits[0],
+            reference_logits(model, ids, images(1)),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("vision", ["siglip"])
@@ -57,11 +61,15 @@ def test_siglip_tower_keeps_every_patch(vision):
     assert model.tokens_per_image == 16  # (16 / 4)^2 patches, no CLS to drop
     ids = torch.tensor([5, I, 7])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids[None], pixel_values=images(1)).logits[0],
-                                   reference_logits(model, ids, images(1)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(ids[None], pixel_values=images(1)).logits[0],
+            reference_logits(model, ids, images(1)),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
-# 2. mixed batch == per-sample runs -------------------------------------------------------------------------------------
+# 2. mixed batch == per-sample runs ---------------------------------------------------------------------------------
 SAMPLES = [[5, 6, 7, 8, 9], [I, 5, 6], [5, I, 6, I, 7, 8], [I, I, 9]]
 IMAGES_PER_SAMPLE = [0, 1, 2, 2]
 
@@ -75,8 +83,8 @@ def test_mixed_batch_equals_single_samples(arch, side):
     with torch.no_grad():
         batched = model(ids, pixel_values=px, attention_mask=mask).logits
         start = 0
-        for row, (sample, n) in enumerate(zip(SAMPLES, IMAGES_PER_SAMPLE)):
-            single = model(torch.tensor([sample]), pixel_values=px[start:start + n] if n else None).logits[0]
+        for row, (sample, n) in enumerate(zip(SAMPLES, IMAGES_PER_SAMPLE, strict=True)):
+            single = model(torch.tensor([sample]), pixel_values=px[start : start + n] if n else None).logits[0]
             start += n
             torch.testing.assert_close(batched[row][mask[row].bool()], single, atol=1e-5, rtol=1e-5)
 
@@ -93,8 +101,8 @@ def test_incremental_decoding_equals_full_forward(arch):
         cache = output_cache(out)
         for step in range(continuation.shape[1]):
             mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
-            out = model(continuation[:, step:step + 1], attention_mask=mask, cache=cache, use_cache=True)
-            full_ids = torch.cat([ids, continuation[:, :step + 1]], 1)
+            out = model(continuation[:, step : step + 1], attention_mask=mask, cache=cache, use_cache=True)
+            full_ids = torch.cat([ids, continuation[:, : step + 1]], 1)
             full = model(full_ids, pixel_values=px, attention_mask=mask, use_cache=False).logits[:, -1]
             torch.testing.assert_close(out.logits[:, -1], full, atol=1e-5, rtol=1e-5)
 
@@ -106,14 +114,15 @@ def test_generate_batched_multi_image_equals_greedy_loop(arch):
     ids, mask = _pad_batch(samples, "left")
     px = images(3)
     with torch.no_grad():
-        generated = model.generate(ids, pixel_values=px, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                   pad_token_id=0)
+        generated = model.generate(
+            ids, pixel_values=px, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+        )
         start = 0
         for row, sample in enumerate(samples):
             n = sample.count(I)
             seq = torch.tensor([sample])
             for _ in range(6):  # greedy by full forwards, no cache, one sample at a time
-                logits = model(seq, pixel_values=px[start:start + n], use_cache=False).logits[0, -1]
+                logits = model(seq, pixel_values=px[start : start + n], use_cache=False).logits[0, -1]
                 seq = torch.cat([seq, logits.argmax().view(1, 1)], 1)
             start += n
             assert generated[row, -6:].tolist() == seq[0, -6:].tolist()
@@ -149,7 +158,7 @@ def test_text_only_equals_bare_llm(arch):
         assert torch.equal(model(ids).logits, bare(ids).logits)
 
 
-# 5. llava == transformers' LlavaForConditionalGeneration ---------------------------------------------------------------
+# 5. llava == transformers' LlavaForConditionalGeneration -----------------------------------------------------------
 def test_llava_equals_transformers_llava():
     model = tiny_model("llava")
     v = model.tokens_per_image
@@ -179,9 +188,12 @@ def test_naavit_visual_tokens_do_not_see_each_other():
             out[:, 0] += 1.0
         return out
 
-    hooks = [model.projector.register_forward_hook(perturb_first_visual_token),
-             model.language_model.model.layers[-1].register_forward_hook(
-                 lambda m, args, out: captured.__setitem__("h", out))]
+    hooks = [
+        model.projector.register_forward_hook(perturb_first_visual_token),
+        model.language_model.model.layers[-1].register_forward_hook(
+            lambda m, args, out: captured.__setitem__("h", out)
+        ),
+    ]
     ids = torch.tensor([[5, I, 6]])
     with torch.no_grad():
         model(ids, pixel_values=images(1))
@@ -201,7 +213,8 @@ def test_llava_visual_tokens_do_see_each_other():
     model = tiny_model("llava")
     captured = {}
     hook = model.language_model.model.layers[-1].register_forward_hook(
-        lambda m, args, out: captured.__setitem__("h", out))
+        lambda m, args, out: captured.__setitem__("h", out)
+    )
     ids = torch.tensor([[5, I, 6]])
     px = images(1)
     with torch.no_grad():
@@ -212,7 +225,7 @@ def test_llava_visual_tokens_do_see_each_other():
         model(ids, pixel_values=px)
         handle.remove()
     hook.remove()
-    assert ((before - captured["h"][0]).abs().amax(-1) > 1e-6)[1:model.tokens_per_image].all()
+    assert ((before - captured["h"][0]).abs().amax(-1) > 1e-6)[1 : model.tokens_per_image].all()
 
 
 def test_saisa_text_before_an_image_does_not_see_it():
@@ -239,8 +252,9 @@ def test_save_load_round_trip_is_exact(arch, tmp_path):
 
 def test_save_load_with_tied_embeddings(tmp_path):
     torch.manual_seed(0)
-    config = SaisaConfig(text_config=text_config("llama", tie_word_embeddings=True), vision_config=vision_config(),
-                         image_token_id=I)
+    config = SaisaConfig(
+        text_config=text_config("llama", tie_word_embeddings=True), vision_config=vision_config(), image_token_id=I
+    )
     model = SaisaForConditionalGeneration(config).eval()
     model.save_pretrained(tmp_path)
     loaded = SaisaForConditionalGeneration.from_pretrained(tmp_path).eval()
@@ -334,6 +348,10 @@ def test_every_input_reaches_the_models_device(arch, training):
     out = model(input_ids=ids, attention_mask=mask, pixel_values=images(2), labels=ids, use_cache=not training)
     assert out.logits.device.type == "meta" and out.loss.device.type == "meta"
     if not training:
-        step = model(input_ids=torch.tensor([[5], [5]]), attention_mask=torch.cat([mask, mask[:, :1]], 1),
-                     past_key_values=output_cache(out), use_cache=True)
+        step = model(
+            input_ids=torch.tensor([[5], [5]]),
+            attention_mask=torch.cat([mask, mask[:, :1]], 1),
+            past_key_values=output_cache(out),
+            use_cache=True,
+        )
         assert step.logits.shape == (2, 1, 120) and step.logits.device.type == "meta"

@@ -31,7 +31,8 @@ def test_pad_to_square_keeps_aspect_ratio():
 def test_chat_template_with_image_items_and_model_round_trip():
     processor = make_processor()
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]}])
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]}]
+    )
     assert prompt.startswith("user: <image>\nwhat is this ?") and prompt.endswith("assistant:")
     batch = processor(prompt, images=[Image.new("RGB", (16, 16))])
     model = tiny_model("saisa")
@@ -62,5 +63,7 @@ def test_save_and_load(tmp_path):
     assert loaded.image_token_id == processor.image_token_id
     assert loaded.preprocessing == processor.preprocessing
     text = "<image> what is a cat ?"
-    assert torch.equal(loaded(text, images=[Image.new("RGB", (3, 3))])["input_ids"],
-                       processor(text, images=[Image.new("RGB", (3, 3))])["input_ids"])
+    assert torch.equal(
+        loaded(text, images=[Image.new("RGB", (3, 3))])["input_ids"],
+        processor(text, images=[Image.new("RGB", (3, 3))])["input_ids"],
+    )

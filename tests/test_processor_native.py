@@ -86,8 +86,11 @@ def test_chat_template_tokenized_carries_the_images_in_order(tmp_path):
     processor = tiny_chat_processor()
     first, second = noise(20, 12, seed=1), noise(9, 15, seed=2)
     second.save(tmp_path / "second.png")
-    messages = chat({"type": "image", "image": first}, {"type": "text", "text": "what is this ?"},
-                    {"type": "image", "url": str(tmp_path / "second.png")})
+    messages = chat(
+        {"type": "image", "image": first},
+        {"type": "text", "text": "what is this ?"},
+        {"type": "image", "url": str(tmp_path / "second.png")},
+    )
     prompt = processor.apply_chat_template(messages)  # tokenize=False: the prompt string, as before
     assert isinstance(prompt, str) and prompt.count("<image>") == 2 and prompt.endswith("assistant:")
     batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
@@ -104,14 +107,16 @@ def test_an_image_item_without_an_image_is_refused_when_tokenizing():
 
 
 def test_named_template_tokenized():
-    processor = SaisaProcessor(tiny_processor().tokenizer, ImagePreprocessing(16, (0.5,) * 3, (0.5,) * 3),
-                               template="vicuna_v1")
+    processor = SaisaProcessor(
+        tiny_processor().tokenizer, ImagePreprocessing(16, (0.5,) * 3, (0.5,) * 3), template="vicuna_v1"
+    )
     image = noise(16, 16)
     messages = chat({"type": "image", "image": image}, {"type": "text", "text": "what is this ?"})
     prompt = processor.apply_chat_template(messages)
     assert prompt.startswith("<s>A chat between") and prompt.endswith("USER: <image>\nwhat is this ? ASSISTANT:")
-    assert_same_batch(processor.apply_chat_template(messages, tokenize=True, return_dict=True),
-                      processor(prompt, images=[image]))
+    assert_same_batch(
+        processor.apply_chat_template(messages, tokenize=True, return_dict=True), processor(prompt, images=[image])
+    )
 
 
 def test_pipeline_gives_what_generate_gives(tmp_path):
@@ -123,7 +128,7 @@ def test_pipeline_gives_what_generate_gives(tmp_path):
     inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True)
     with torch.no_grad():
         expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    answer = processor.decode(expected[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = processor.decode(expected[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     pipe = pipeline("image-text-to-text", model=str(tmp_path))
     assert isinstance(pipe.processor, SaisaProcessor)
@@ -131,17 +136,27 @@ def test_pipeline_gives_what_generate_gives(tmp_path):
     assert torch.equal(torch.as_tensor(ids), expected[0])
     # the pipeline cuts the decoded prompt off the decoded sequence, leaving the word separator in front
     assert pipe(text=messages, max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"] == (
-        " " + answer)
+        " " + answer
+    )
     prompt = processor.apply_chat_template(messages)
-    assert pipe(images=[image], text=prompt, max_new_tokens=6, do_sample=False,
-                return_full_text=False)[0]["generated_text"] == " " + answer
+    assert (
+        pipe(images=[image], text=prompt, max_new_tokens=6, do_sample=False, return_full_text=False)[0][
+            "generated_text"
+        ]
+        == " " + answer
+    )
 
 
 def _old_folder(folder, *, template=None):
     """What SaisaProcessor.save_pretrained wrote before processor_config.json: tokenizer files, saisa_processor.json."""
     tiny_processor().tokenizer.save_pretrained(folder)
-    settings = {"image_token": "<image>", "image_size": 16, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                "template": template}
+    settings = {
+        "image_token": "<image>",
+        "image_size": 16,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+        "template": template,
+    }
     (folder / PROCESSOR_FILE).write_text(json.dumps(settings))
 
 
@@ -151,8 +166,9 @@ def test_a_folder_saved_by_the_old_processor_loads(tmp_path):
     reference = tiny_processor()
     assert loaded.template == "vicuna_v1" and loaded.preprocessing == reference.preprocessing
     image = noise(30, 11)
-    assert_same_batch(loaded("<image> what is a cat ?", images=[image]),
-                      reference("<image> what is a cat ?", images=[image]))
+    assert_same_batch(
+        loaded("<image> what is a cat ?", images=[image]), reference("<image> what is a cat ?", images=[image])
+    )
     tiny_model().save_pretrained(tmp_path)  # a model folder: AutoProcessor finds the processor through config.json
     assert isinstance(AutoProcessor.from_pretrained(tmp_path), SaisaProcessor)
 
@@ -162,8 +178,9 @@ def test_a_checkpoints_preprocessor_config_is_read(tmp_path):
     mean, std = (0.1, 0.2, 0.3), (0.3, 0.2, 0.1)
     _old_folder(tmp_path)
     default = SaisaProcessor.from_pretrained(tmp_path).preprocess_images([image])
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=list(mean),
-                       image_std=list(std)).save_pretrained(tmp_path)
+    CLIPImageProcessor(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=list(mean), image_std=list(std)
+    ).save_pretrained(tmp_path)
     loaded = SaisaProcessor.from_pretrained(tmp_path)
     assert type(loaded.image_processor).__name__.startswith("CLIPImageProcessor")
     pixels = loaded.preprocess_images([image])
@@ -182,11 +199,15 @@ def test_a_folder_without_a_processor_is_named(tmp_path):
         SaisaProcessor.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("preprocessing", [
-    ImagePreprocessing(224, (0.5,) * 3, (0.5,) * 3),  # the embedded default's EfficientNet-Lite0
-    ImagePreprocessing(32, CLIP_MEAN, CLIP_STD, "CLIPImageProcessor"),
-    ImagePreprocessing(32, (0.5,) * 3, (0.5,) * 3, "SiglipImageProcessor"),
-], ids=["efficientnet", "clip", "siglip"])
+@pytest.mark.parametrize(
+    "preprocessing",
+    [
+        ImagePreprocessing(224, (0.5,) * 3, (0.5,) * 3),  # the embedded default's EfficientNet-Lite0
+        ImagePreprocessing(32, CLIP_MEAN, CLIP_STD, "CLIPImageProcessor"),
+        ImagePreprocessing(32, (0.5,) * 3, (0.5,) * 3, "SiglipImageProcessor"),
+    ],
+    ids=["efficientnet", "clip", "siglip"],
+)
 def test_pad_to_square_is_bit_identical_to_llava_preprocessing(preprocessing):
     processor = SaisaProcessor(tiny_processor().tokenizer, preprocessing)
     assert type(processor.image_processor).__name__.removesuffix("Pil") == preprocessing.image_processor_type

@@ -36,16 +36,35 @@ def run(tmp_path_factory) -> dict:
     for i in range(SAMPLES):
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
         answer = ["a cat", "cat a", "is a", "a is"][i % 4]
-        records.append({"id": str(i), "image": f"img{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat is this ?"}, {"from": "gpt", "value": answer}]})
+        records.append(
+            {
+                "id": str(i),
+                "image": f"img{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nwhat is this ?"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
     (folder / "train.json").write_text(json.dumps(records))
     return {
-        "architecture": "saisa", "stage": "instruct", "model": {"init": str(folder / "init")},
+        "architecture": "saisa",
+        "stage": "instruct",
+        "model": {"init": str(folder / "init")},
         "data": {"train": str(folder / "train.json"), "image_folder": str(folder), "template": "tokenizer"},
         "output_dir": str(folder / "uninterrupted"),
-        "training": {"per_device_train_batch_size": 4, "num_train_epochs": 3, "learning_rate": 1e-2,
-                     "warmup_steps": 0, "lr_scheduler_type": "constant", "logging_steps": 1, "save_steps": 3,
-                     "save_total_limit": None, "seed": 0, "group_by_length": True},
+        "training": {
+            "per_device_train_batch_size": 4,
+            "num_train_epochs": 3,
+            "learning_rate": 1e-2,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 1,
+            "save_steps": 3,
+            "save_total_limit": None,
+            "seed": 0,
+            "group_by_length": True,
+        },
     }
 
 

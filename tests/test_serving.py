@@ -42,8 +42,13 @@ def served(tmp_path_factory):
     processor = tiny_chat_processor()
     allowed = tmp_path_factory.mktemp("allowed")
     Image.new("RGB", (8, 8)).save(allowed / "ok.png")
-    app = create_app(model, processor, model_name="tiny", api_key="secret",
-                     limits=ServerLimits(max_tokens=64, allowed_image_dir=allowed))
+    app = create_app(
+        model,
+        processor,
+        model_name="tiny",
+        api_key="secret",
+        limits=ServerLimits(max_tokens=64, allowed_image_dir=allowed),
+    )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -69,12 +74,17 @@ def _expected(served, question: str, images: list[Image.Image]) -> str:
     inputs = processor(prompt, images=images or None)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
-    return processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def _messages(question: str, urls: list[str]):
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls]
-             + [{"type": "text", "text": question}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+            + [{"type": "text", "text": question}],
+        }
+    ]
 
 
 def test_openai_client_non_streaming_and_streaming_equal_generate(served):
@@ -82,12 +92,14 @@ def test_openai_client_non_streaming_and_streaming_equal_generate(served):
     image, url = _png(0)
     expected = _expected(served, "what is this ?", [image])
     assert expected, "the tiny model produced nothing to compare"
-    reply = client.chat.completions.create(model="tiny", messages=_messages("what is this ?", [url]),
-                                           max_tokens=MAX_TOKENS, temperature=0)
+    reply = client.chat.completions.create(
+        model="tiny", messages=_messages("what is this ?", [url]), max_tokens=MAX_TOKENS, temperature=0
+    )
     assert reply.choices[0].message.content.strip() == expected
     assert reply.usage.completion_tokens >= 1
-    stream = client.chat.completions.create(model="tiny", messages=_messages("what is this ?", [url]),
-                                            max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="tiny", messages=_messages("what is this ?", [url]), max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text.strip() == expected
     assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -106,8 +118,9 @@ def test_concurrent_load_has_no_failures_and_matches_single_requests(served):
         for r in range(8):
             question, seed = questions[(index + r) % len(questions)]
             urls = [_png(seed)[1]] if seed is not None else []
-            reply = client.chat.completions.create(model="tiny", messages=_messages(question, urls),
-                                                   max_tokens=MAX_TOKENS, temperature=0)
+            reply = client.chat.completions.create(
+                model="tiny", messages=_messages(question, urls), max_tokens=MAX_TOKENS, temperature=0
+            )
             results.append(reply.choices[0].message.content.strip() == expected[question])
         return results
 
@@ -119,15 +132,18 @@ def test_concurrent_load_has_no_failures_and_matches_single_requests(served):
     assert health["image_kv_cache"]["hits"] > 0  # repeated images skipped the encoder
 
 
-@pytest.mark.parametrize("case, status, fragment", [
-    ("bad_json", 400, "not valid JSON"),
-    ("unknown_model", 404, "not found"),
-    ("bad_image", 400, "cannot be decoded"),
-    ("too_many_tokens", 400, "exceeds this server's limit"),
-    ("path_not_allowed", 403, "outside the allowed folder"),
-    ("no_key", 401, "API key"),
-    ("missing_messages", 400, "messages"),
-])
+@pytest.mark.parametrize(
+    "case, status, fragment",
+    [
+        ("bad_json", 400, "not valid JSON"),
+        ("unknown_model", 404, "not found"),
+        ("bad_image", 400, "cannot be decoded"),
+        ("too_many_tokens", 400, "exceeds this server's limit"),
+        ("path_not_allowed", 403, "outside the allowed folder"),
+        ("no_key", 401, "API key"),
+        ("missing_messages", 400, "messages"),
+    ],
+)
 def test_bad_requests_get_the_right_4xx(served, case, status, fragment):
     headers = {"Authorization": "Bearer secret", "Content-Type": "application/json"}
     good = {"model": "tiny", "messages": [{"role": "user", "content": "what ?"}], "max_tokens": 4}
@@ -137,7 +153,10 @@ def test_bad_requests_get_the_right_4xx(served, case, status, fragment):
     elif case == "unknown_model":
         body = {**good, "model": "gpt-9"}
     elif case == "bad_image":
-        body = {**good, "messages": _messages("what ?", ["data:image/png;base64," + base64.b64encode(b"junk").decode()])}
+        body = {
+            **good,
+            "messages": _messages("what ?", ["data:image/png;base64," + base64.b64encode(b"junk").decode()]),
+        }
     elif case == "too_many_tokens":
         body = {**good, "max_tokens": 100000}
     elif case == "path_not_allowed":
@@ -154,8 +173,9 @@ def test_bad_requests_get_the_right_4xx(served, case, status, fragment):
 
 def test_local_image_under_the_allowed_folder_is_read(served):
     client = _client(served)
-    reply = client.chat.completions.create(model="tiny", max_tokens=2, temperature=0,
-                                           messages=_messages("what ?", [str(served["allowed"] / "ok.png")]))
+    reply = client.chat.completions.create(
+        model="tiny", max_tokens=2, temperature=0, messages=_messages("what ?", [str(served["allowed"] / "ok.png")])
+    )
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
@@ -171,5 +191,5 @@ def test_chat_session_reuses_the_kv_of_earlier_turns():
     inputs = processor(prompt, images=[image, _png(4)[0]])
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == second
+    assert processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip() == second
     assert session.last_new_tokens == inputs["input_ids"].shape[1] - first_total  # only the new turn was computed

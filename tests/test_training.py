@@ -30,20 +30,42 @@ def _write_run(tmp_path, arch: str, samples: int = 4, **model_kwargs) -> dict:
         Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / name)
         answer = ["a cat", "this is a cat", "a", "cat and a cat"][i % 4]
         if i % 4 == 3:  # several images in one sample
-            records.append({"id": str(i), "image": [name, "img0.png"], "conversations": [
-                {"from": "human", "value": "<image> and <image> ?"}, {"from": "gpt", "value": answer}]})
+            records.append(
+                {
+                    "id": str(i),
+                    "image": [name, "img0.png"],
+                    "conversations": [
+                        {"from": "human", "value": "<image> and <image> ?"},
+                        {"from": "gpt", "value": answer},
+                    ],
+                }
+            )
         elif i % 4 == 2:  # text only
-            records.append({"id": str(i), "conversations": [{"from": "human", "value": "what is a cat ?"},
-                                                            {"from": "gpt", "value": answer}]})
+            records.append(
+                {
+                    "id": str(i),
+                    "conversations": [{"from": "human", "value": "what is a cat ?"}, {"from": "gpt", "value": answer}],
+                }
+            )
         else:
             records.append({"id": str(i), "image": name, "conversations": [QUESTION, {"from": "gpt", "value": answer}]})
     (tmp_path / "train.json").write_text(json.dumps(records))
     return {
-        "architecture": arch, "stage": "instruct", "model": {"init": str(tmp_path / "init")},
+        "architecture": arch,
+        "stage": "instruct",
+        "model": {"init": str(tmp_path / "init")},
         "data": {"train": str(tmp_path / "train.json"), "image_folder": str(tmp_path), "template": "tokenizer"},
         "output_dir": str(tmp_path / "out"),
-        "training": {"per_device_train_batch_size": 4, "max_steps": 8, "learning_rate": 1e-2, "warmup_steps": 0,
-                     "lr_scheduler_type": "constant", "logging_steps": 1, "save_steps": 100, "seed": 0},
+        "training": {
+            "per_device_train_batch_size": 4,
+            "max_steps": 8,
+            "learning_rate": 1e-2,
+            "warmup_steps": 0,
+            "lr_scheduler_type": "constant",
+            "logging_steps": 1,
+            "save_steps": 100,
+            "seed": 0,
+        },
     }
 
 
@@ -75,8 +97,13 @@ def test_align_trains_projectors_only_then_shared_projector_seeds_every_layer(tm
 
 def test_resume_after_an_interruption_gives_the_same_parameters(tmp_path):
     recipe = _write_run(tmp_path, "saisa", samples=8)
-    recipe["training"] = {**recipe["training"], "per_device_train_batch_size": 2, "max_steps": 6, "save_steps": 2,
-                          "save_total_limit": None}
+    recipe["training"] = {
+        **recipe["training"],
+        "per_device_train_batch_size": 2,
+        "max_steps": 6,
+        "save_steps": 2,
+        "save_total_limit": None,
+    }
     out = run_training(recipe)
     uninterrupted = load_file(out / "model.safetensors")
     # Interrupted after step 2 (mid-epoch): later checkpoints gone, one half-written checkpoint left behind.
@@ -100,7 +127,9 @@ def test_lora_instruct_and_merge(tmp_path):
     assert not any("lora" in key for key in merged)
     from saisa.cli import main
 
-    assert main(["merge-lora", str(out / "adapter"), "--base", str(tmp_path / "init"), "--out", str(tmp_path / "m")]) == 0
+    assert (
+        main(["merge-lora", str(out / "adapter"), "--base", str(tmp_path / "init"), "--out", str(tmp_path / "m")]) == 0
+    )
     again = load_file(tmp_path / "m" / "model.safetensors")
     for key, value in merged.items():
         torch.testing.assert_close(again[key], value, msg=key)
@@ -108,12 +137,16 @@ def test_lora_instruct_and_merge(tmp_path):
 
 def test_only_assistant_tokens_carry_labels():
     processor = tiny_processor()
-    turns = [QUESTION, {"from": "gpt", "value": "a cat"}, {"from": "human", "value": "what is this ?"},
-             {"from": "gpt", "value": "this is a cat"}]
+    turns = [
+        QUESTION,
+        {"from": "gpt", "value": "a cat"},
+        {"from": "human", "value": "what is this ?"},
+        {"from": "gpt", "value": "this is a cat"},
+    ]
     for name in ("tokenizer", "chatml", "vicuna_v1"):
         rendered = get_template(name, processor.tokenizer).render(turns)
         ids, labels = tokenize_with_labels(rendered, processor.tokenizer)
-        labelled = processor.tokenizer.decode([i for i, label in zip(ids, labels) if label != -100])
+        labelled = processor.tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label != -100])
         assert "cat" in labelled and "what" not in labelled and "user" not in labelled, (name, labelled)
 
 
@@ -137,7 +170,9 @@ def test_a_template_that_does_not_tokenize_as_rendered_raises():
     with pytest.raises(TemplateMismatchError, match="does not line up"):
         tokenize_with_labels(rendered, whitespace_only)
     processor = tiny_processor()
-    processor.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}"
+    processor.tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n{% endfor %}"
+    )
     with pytest.raises(TemplateMismatchError, match="alters the assistant text"):
         get_template("tokenizer", processor.tokenizer).render([QUESTION, {"from": "gpt", "value": "a cat"}])
 
@@ -152,8 +187,9 @@ def test_missing_or_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
         dataset[0]
     with pytest.raises(FileNotFoundError, match=r"sample 1: image not found: .*img1.png"):
         dataset[1]
-    lenient = LlavaJsonDataset(tmp_path / "train.json", tmp_path, processor, template="tokenizer",
-                               tokens_per_image=16, skip_bad_images=True)
+    lenient = LlavaJsonDataset(
+        tmp_path / "train.json", tmp_path, processor, template="tokenizer", tokens_per_image=16, skip_bad_images=True
+    )
     sample = lenient[0]  # falls through to the next usable sample
     assert "input_ids" in sample and len(lenient.stats.skipped_images) == 2
     assert recipe  # the recipe itself stays valid
@@ -162,8 +198,9 @@ def test_missing_or_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
 def test_truncation_is_counted_and_drops_whole_images(tmp_path):
     _write_run(tmp_path, "saisa")
     processor = tiny_processor()
-    dataset = LlavaJsonDataset(tmp_path / "train.json", tmp_path, processor, template="tokenizer",
-                               tokens_per_image=16, max_length=18)
+    dataset = LlavaJsonDataset(
+        tmp_path / "train.json", tmp_path, processor, template="tokenizer", tokens_per_image=16, max_length=18
+    )
     sample = dataset[3]  # two images = 32 positions > 18: the second image is cut with what follows it
     assert sample["pixel_values"].shape[0] == 1 and dataset.stats.truncated == 1
 
@@ -186,10 +223,18 @@ def test_full_scale_recipe_path_on_tiny_local_checkpoints(tmp_path):
     LlamaForCausalLM(text_config("llama")).save_pretrained(tmp_path / "llm")
     tiny_processor().tokenizer.save_pretrained(tmp_path / "llm")
     CLIPVisionModel(vision_config()).save_pretrained(tmp_path / "clip")
-    overrides = [f"model.llm={tmp_path / 'llm'}", f"model.vision={tmp_path / 'clip'}",
-                 f"data.train={recipe['data']['train']}", f"data.image_folder={tmp_path}",
-                 f"output_dir={tmp_path / 'full'}", "training.deepspeed=null", "training.bf16=false",
-                 "training.max_steps=2", "training.per_device_train_batch_size=2", "training.dataloader_num_workers=0"]
+    overrides = [
+        f"model.llm={tmp_path / 'llm'}",
+        f"model.vision={tmp_path / 'clip'}",
+        f"data.train={recipe['data']['train']}",
+        f"data.image_folder={tmp_path}",
+        f"output_dir={tmp_path / 'full'}",
+        "training.deepspeed=null",
+        "training.bf16=false",
+        "training.max_steps=2",
+        "training.per_device_train_batch_size=2",
+        "training.dataloader_num_workers=0",
+    ]
     out = run_training(load_recipe("vicuna7b-clip336-align", overrides))
     processor = SaisaProcessor.from_pretrained(out)
     assert processor.template == "vicuna_v1"

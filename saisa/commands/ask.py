@@ -21,8 +21,9 @@ def answer(model, processor, images, question: str, *, max_new_tokens: int = 64,
     from saisa.generation import answer_batch
 
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    return answer_batch(model, processor, [question], [images], max_new_tokens=max_new_tokens,
-                        streamer=streamer)[0].strip()
+    return answer_batch(model, processor, [question], [images], max_new_tokens=max_new_tokens, streamer=streamer)[
+        0
+    ].strip()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +31,12 @@ def run(args: argparse.Namespace) -> int:
     from saisa.processing import load_image
 
     model, processor = load_pretrained(args.model, device=args.device, dtype=args.dtype)
-    answer(model, processor, [load_image(p) for p in args.image], args.question,
-           max_new_tokens=args.max_new_tokens, stream=True)
+    answer(
+        model,
+        processor,
+        [load_image(p) for p in args.image],
+        args.question,
+        max_new_tokens=args.max_new_tokens,
+        stream=True,
+    )
     return 0

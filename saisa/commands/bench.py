@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,8 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--vision-hidden", type=int, default=64,
-                        help="CLIP tower width (default tiny: its cost is common to all; 1024 = ViT-L)")
+    parser.add_argument(
+        "--vision-hidden",
+        type=int,
+        default=64,
+        help="CLIP tower width (default tiny: its cost is common to all; 1024 = ViT-L)",
+    )
     parser.add_argument("--vision-layers", type=int, default=1, help="CLIP tower depth (24 = ViT-L/14-336)")
     parser.add_argument("--text-tokens", "-t", type=int, default=64)
     parser.add_argument("--visual-tokens", "-v", type=int, default=576, help="must be a square number")
@@ -39,8 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
-    parser.add_argument("--image-cache", action="store_true",
-                        help="instead: SAISA time to first token for a cold image vs the same image again")
+    parser.add_argument(
+        "--image-cache",
+        action="store_true",
+        help="instead: SAISA time to first token for a cold image vs the same image again",
+    )
     parser.add_argument("--out", default="docs/bench", help="folder for bench.json and bench.png")
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: measure one model's peak memory
 
@@ -55,19 +63,34 @@ def build(name: str, args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]
     assert side * side == args.visual_tokens, "--visual-tokens must be a square"
     # By default a deliberately small vision tower (its cost is common to all three) that yields v patch tokens;
     # --vision-hidden 1024 --vision-layers 24 gives CLIP ViT-L/14-336's shape.
-    vision = CLIPVisionConfig(hidden_size=args.vision_hidden, intermediate_size=4 * args.vision_hidden,
-                              num_hidden_layers=args.vision_layers, num_attention_heads=max(1, args.vision_hidden // 64),
-                              image_size=side * 14, patch_size=14)
-    text = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.ffn, num_hidden_layers=args.layers,
-                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
-                       vocab_size=args.vocab, max_position_embeddings=8192)
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_hidden,
+        intermediate_size=4 * args.vision_hidden,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=max(1, args.vision_hidden // 64),
+        image_size=side * 14,
+        patch_size=14,
+    )
+    text = LlamaConfig(
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        vocab_size=args.vocab,
+        max_position_embeddings=8192,
+    )
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     text_ids = torch.randint(3, args.vocab, (1, args.text_tokens))
     pixels = torch.randn(1, 3, side * 14, side * 14)
     if name == "hf-llava":
-        config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=args.vocab - 1,
-                             image_seq_length=args.visual_tokens)
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=args.vocab - 1,
+            image_seq_length=args.visual_tokens,
+        )
         model = LlavaForConditionalGeneration(config)
         ids = torch.cat([torch.full((1, args.visual_tokens), args.vocab - 1), text_ids], 1)
     else:
@@ -162,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(args.repeats):
             for name, (model, ids, pixels) in models.items():
                 with torch.no_grad():
-                    timings[name]["prefill_s"].append(_time(lambda: prefill(model, ids, pixels), args.device))
+                    timings[name]["prefill_s"].append(_time(partial(prefill, model, ids, pixels), args.device))
                     timings[name]["decode_s"].append(_time(decode(model, ids, pixels, args.decode_tokens), args.device))
                 if not args.no_train:
                     model.train()
@@ -183,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
         "saisa_prefill_vs_hf_llava": results["saisa"]["prefill_s"] / results["hf-llava"]["prefill_s"],
         "saisa_prefill_vs_llava": results["saisa"]["prefill_s"] / results["llava"]["prefill_s"],
         "saisa_decode_vs_llava": results["saisa"]["decode_tokens_per_s"] / results["llava"]["decode_tokens_per_s"],
-        "saisa_decode_vs_hf_llava": results["saisa"]["decode_tokens_per_s"] / results["hf-llava"]["decode_tokens_per_s"],
+        "saisa_decode_vs_hf_llava": results["saisa"]["decode_tokens_per_s"]
+        / results["hf-llava"]["decode_tokens_per_s"],
         "our_llava_prefill_vs_hf_llava": results["llava"]["prefill_s"] / results["hf-llava"]["prefill_s"],
     }
     if not args.no_train:
@@ -193,8 +217,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("memory_probe",)}
-    (out / "bench.json").write_text(json.dumps({"config": config, "results": results, "ratios": ratios,
-                                                "command": " ".join(sys.argv)}, indent=2))
+    (out / "bench.json").write_text(
+        json.dumps({"config": config, "results": results, "ratios": ratios, "command": " ".join(sys.argv)}, indent=2)
+    )
     _plot(results, out / "bench.png", args)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
     return 0
@@ -214,30 +239,45 @@ def image_cache_bench(args) -> int:
         prefill(model, ids, pixels)  # warm-up of the kernels, not of the cache
         for repeat in range(args.repeats):
             image = pixels + (repeat + 1) * 1e-3  # a new image every repeat
-            cold.append(_time(lambda: prefill(model, ids, image), args.device))
-            warm.append(_time(lambda: prefill(model, other_prompt, image), args.device))
+            cold.append(_time(partial(prefill, model, ids, image), args.device))
+            warm.append(_time(partial(prefill, model, other_prompt, image), args.device))
     result = {"cold_ttft_s": statistics.median(cold), "repeat_ttft_s": statistics.median(warm)}
     result["repeat_over_cold"] = result["repeat_ttft_s"] / result["cold_ttft_s"]
     result["cache"] = model.image_kv_cache.stats()
-    print(f"h={args.hidden} L={args.layers} v={args.visual_tokens} t={args.text_tokens} vision tower "
-          f"{args.vision_layers}x{args.vision_hidden} {args.device} {args.dtype} threads={args.threads} "
-          f"(medians of {args.repeats})")
+    print(
+        f"h={args.hidden} L={args.layers} v={args.visual_tokens} t={args.text_tokens} vision tower "
+        f"{args.vision_layers}x{args.vision_hidden} {args.device} {args.dtype} threads={args.threads} "
+        f"(medians of {args.repeats})"
+    )
     print(f"cold image TTFT   {1000 * result['cold_ttft_s']:8.1f} ms")
     print(f"repeat image TTFT {1000 * result['repeat_ttft_s']:8.1f} ms   (another prompt, image 8 positions later)")
     print(f"repeat / cold     {result['repeat_over_cold']:8.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"image_cache_vision{args.vision_layers}x{args.vision_hidden}.json"
-    (out / name).write_text(json.dumps({"config": vars(args), "result": result, "command": " ".join(sys.argv)},
-                                       indent=2))
+    (out / name).write_text(
+        json.dumps({"config": vars(args), "result": result, "command": " ".join(sys.argv)}, indent=2)
+    )
     print(f"wrote {out / name}")
     return 0
 
 
 def _probe_memory(name: str, args) -> float | None:
     argv = [sys.executable, "-m", "saisa.cli", "bench", "--memory-probe", name]
-    for key in ("hidden", "ffn", "layers", "heads", "vocab", "text_tokens", "visual_tokens", "threads", "device",
-                "dtype", "vision_hidden", "vision_layers"):
+    for key in (
+        "hidden",
+        "ffn",
+        "layers",
+        "heads",
+        "vocab",
+        "text_tokens",
+        "visual_tokens",
+        "threads",
+        "device",
+        "dtype",
+        "vision_hidden",
+        "vision_layers",
+    ):
         argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.kv_heads:
         argv += ["--kv-heads", str(args.kv_heads)]
@@ -249,8 +289,10 @@ def _probe_memory(name: str, args) -> float | None:
 
 
 def _print(results, ratios, args) -> None:
-    print(f"\nh={args.hidden} m={args.ffn} L={args.layers} heads={args.heads} v={args.visual_tokens} "
-          f"t={args.text_tokens} {args.device} {args.dtype} threads={args.threads} (medians of {args.repeats})")
+    print(
+        f"\nh={args.hidden} m={args.ffn} L={args.layers} heads={args.heads} v={args.visual_tokens} "
+        f"t={args.text_tokens} {args.device} {args.dtype} threads={args.threads} (medians of {args.repeats})"
+    )
     print(f"{'model':<9} {'TTFT ms':>9} {'decode tok/s':>13} {'train step ms':>14} {'peak prefill MiB':>17}")
     for name, r in results.items():
         train = f"{1000 * r['train_step_s']:14.1f}" if r["train_step_s"] else f"{'-':>14}"
@@ -266,9 +308,13 @@ def _plot(results, path: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [("prefill_s", "TTFT (s)"), ("decode_tokens_per_s", "decode tokens/s"), ("train_step_s", "train step (s)")]
+    metrics = [
+        ("prefill_s", "TTFT (s)"),
+        ("decode_tokens_per_s", "decode tokens/s"),
+        ("train_step_s", "train step (s)"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
-    for ax, (key, label) in zip(axes, metrics):
+    for ax, (key, label) in zip(axes, metrics, strict=True):
         names = [n for n in MODELS if results[n][key] is not None]
         ax.bar(names, [results[n][key] for n in names], color=["tab:green", "tab:blue", "tab:gray"][: len(names)])
         ax.set_title(label)

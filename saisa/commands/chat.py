@@ -21,9 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
+    from saisa.loading import load_pretrained
     from saisa.processing import load_image
     from saisa.serving.chat import ChatSession
-    from saisa.loading import load_pretrained
 
     model, processor = load_pretrained(args.model, device=args.device, dtype=args.dtype, image_cache_mib=1024)
     session = ChatSession(model, processor, max_new_tokens=args.max_new_tokens)

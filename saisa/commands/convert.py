@@ -9,9 +9,12 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source")
     parser.add_argument("destination")
-    parser.add_argument("--architecture", choices=["saisa", "llava", "naavit"],
-                        help="default: what the checkpoint is; 'saisa' on a LLaVA checkpoint starts SAISA from its "
-                             "LLM and vision tower (new projectors, ready for stage align)")
+    parser.add_argument(
+        "--architecture",
+        choices=["saisa", "llava", "naavit"],
+        help="default: what the checkpoint is; 'saisa' on a LLaVA checkpoint starts SAISA from its "
+        "LLM and vision tower (new projectors, ready for stage align)",
+    )
     parser.add_argument("--template", help="conversation template for the processor (default: from the tokenizer)")
     parser.add_argument("--to", choices=["saisa", "llava-hf"], default="saisa")
 
@@ -34,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
     processor = processor_for_foreign(args.source, model, template=args.template)
     model.save_pretrained(args.destination)
     processor.save_pretrained(args.destination)
-    print(f"converted {layout} checkpoint {args.source} -> {args.destination} "
-          f"(architecture {model.config.architecture}, template {processor.template or 'tokenizer'})")
+    print(
+        f"converted {layout} checkpoint {args.source} -> {args.destination} "
+        f"(architecture {model.config.architecture}, template {processor.template or 'tokenizer'})"
+    )
     return 0

@@ -24,22 +24,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = run_pipeline(args.architecture, Path(args.workdir), align_per_class=args.align_per_class,
-                          instruct_per_class=args.instruct_per_class, test_per_class=args.test_per_class,
-                          lora_r=args.lora_r, seed=args.seed)
+    report = run_pipeline(
+        args.architecture,
+        Path(args.workdir),
+        align_per_class=args.align_per_class,
+        instruct_per_class=args.instruct_per_class,
+        test_per_class=args.test_per_class,
+        lora_r=args.lora_r,
+        seed=args.seed,
+    )
     t = report["timings"]
-    print(f"\n{report['architecture']} on SmolLM2-135M-Instruct + EfficientNet-Lite0, Fashion-MNIST, "
-          f"{report['held_out_questions']} held-out questions 'What is this item?'")
+    print(
+        f"\n{report['architecture']} on SmolLM2-135M-Instruct + EfficientNet-Lite0, Fashion-MNIST, "
+        f"{report['held_out_questions']} held-out questions 'What is this item?'"
+    )
     print(f"  exact match with the image : {100 * report['accuracy']:5.1f}%")
     print(f"  blind (same model, no image): {100 * report['blind_accuracy']:5.1f}%   (chance 10%)")
-    print(f"  time: data {t['data_s']:.0f} s, align {t['align_s']:.0f} s, instruct {t['instruct_s']:.0f} s, "
-          f"eval {t['eval_s']:.0f} s, total {t['total_s'] / 60:.1f} min")
+    print(
+        f"  time: data {t['data_s']:.0f} s, align {t['align_s']:.0f} s, instruct {t['instruct_s']:.0f} s, "
+        f"eval {t['eval_s']:.0f} s, total {t['total_s'] / 60:.1f} min"
+    )
     print(f"  model: {report['model']}   try: saisa ask {report['model']} --image IMG 'What is this item?'")
     return 0
 
 
-def run_pipeline(arch: str, work: Path, *, align_per_class: int = 200, instruct_per_class: int = 200,
-                 test_per_class: int = 50, lora_r: int = 16, seed: int = 0) -> dict:
+def run_pipeline(
+    arch: str,
+    work: Path,
+    *,
+    align_per_class: int = 200,
+    instruct_per_class: int = 200,
+    test_per_class: int = 50,
+    lora_r: int = 16,
+    seed: int = 0,
+) -> dict:
     """Prepare data, train align then instruct, evaluate with and without the image; returns the report."""
     from saisa.data.fashion_mnist import prepare
     from saisa.evaluation import evaluate
@@ -47,35 +65,64 @@ def run_pipeline(arch: str, work: Path, *, align_per_class: int = 200, instruct_
     from saisa.training import load_recipe, run_training
 
     timings, start = {}, time.perf_counter()
-    data = prepare(work / "data", train_per_class=max(align_per_class, instruct_per_class),
-                   test_per_class=test_per_class, seed=seed)
+    data = prepare(
+        work / "data",
+        train_per_class=max(align_per_class, instruct_per_class),
+        test_per_class=test_per_class,
+        seed=seed,
+    )
     _subsample(data["instruct"], instruct_per_class * 10)
     _subsample(data["align"], align_per_class * 10)
     timings["data_s"] = time.perf_counter() - start
 
     common = [f"architecture={arch}", f"data.image_folder={work / 'data'}", f"training.seed={seed}"]
     stage_start = time.perf_counter()
-    align = run_training(load_recipe("embedded-align", common + [
-        f"data.train={data['align']}", f"output_dir={work / f'{arch}-align'}",
-        f"model.shared_projector={arch == 'saisa'}"]))
+    align = run_training(
+        load_recipe(
+            "embedded-align",
+            common
+            + [
+                f"data.train={data['align']}",
+                f"output_dir={work / f'{arch}-align'}",
+                f"model.shared_projector={arch == 'saisa'}",
+            ],
+        )
+    )
     timings["align_s"] = time.perf_counter() - stage_start
     stage_start = time.perf_counter()
-    instruct = run_training(load_recipe("embedded-instruct", common + [
-        f"data.train={data['instruct']}", f"model.init={align}", f"output_dir={work / f'{arch}-instruct'}",
-        f"lora.r={lora_r}"]))
+    instruct = run_training(
+        load_recipe(
+            "embedded-instruct",
+            common
+            + [
+                f"data.train={data['instruct']}",
+                f"model.init={align}",
+                f"output_dir={work / f'{arch}-instruct'}",
+                f"lora.r={lora_r}",
+            ],
+        )
+    )
     timings["instruct_s"] = time.perf_counter() - stage_start
 
     model, processor = load_pretrained(instruct)
     stage_start = time.perf_counter()
     eval_dir = work / f"{arch}-eval"
     seen = evaluate(model, processor, data["test"], work / "data", out_dir=eval_dir, batch_size=32, max_new_tokens=8)
-    blind = evaluate(model, processor, data["test"], work / "data", out_dir=eval_dir, batch_size=32,
-                     max_new_tokens=8, blind=True)
+    blind = evaluate(
+        model, processor, data["test"], work / "data", out_dir=eval_dir, batch_size=32, max_new_tokens=8, blind=True
+    )
     timings["eval_s"] = time.perf_counter() - stage_start
     timings["total_s"] = time.perf_counter() - start
-    report = {"architecture": arch, "accuracy": seen["accuracy"], "blind_accuracy": blind["accuracy"],
-              "held_out_questions": seen["questions"], "chance": 0.1, "timings": timings, "model": str(instruct),
-              "data": {k: str(v) for k, v in data.items()}}
+    report = {
+        "architecture": arch,
+        "accuracy": seen["accuracy"],
+        "blind_accuracy": blind["accuracy"],
+        "held_out_questions": seen["questions"],
+        "chance": 0.1,
+        "timings": timings,
+        "model": str(instruct),
+        "data": {k: str(v) for k, v in data.items()},
+    }
     (work / f"{arch}-demo.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -27,11 +27,21 @@ def run(args: argparse.Namespace) -> int:
 
     model, processor = load_pretrained(args.model, device=args.device, dtype=args.dtype)
     out = args.out or str(Path(args.model) / "eval")
-    metrics = evaluate(model, processor, args.questions, args.image_folder, out_dir=out, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, blind=args.blind)
+    metrics = evaluate(
+        model,
+        processor,
+        args.questions,
+        args.image_folder,
+        out_dir=out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        blind=args.blind,
+    )
     print(json.dumps(metrics, indent=2))
     if metrics["missing_images"]:
-        print(f"warning: {metrics['missing_images']} question(s) had a missing or unreadable image; see "
-              f"{out}/predictions.jsonl")
+        print(
+            f"warning: {metrics['missing_images']} question(s) had a missing or unreadable image; see "
+            f"{out}/predictions.jsonl"
+        )
     print(f"wrote {out}")
     return 0

@@ -33,24 +33,32 @@ def run(args: argparse.Namespace) -> int:
     dims = with_visual_tokens(dims, args.visual_tokens)
     rep = report(dims, args.text_tokens)
     t, v = args.text_tokens, dims.visual_tokens
-    print(f"{dims.name}: h={dims.hidden} m={dims.ffn} L={dims.layers} heads={dims.heads}/{dims.kv_heads} "
-          f"v={v} t={t}  (TFLOPs, vision encoder excluded)")
+    print(
+        f"{dims.name}: h={dims.hidden} m={dims.ffn} L={dims.layers} heads={dims.heads}/{dims.kv_heads} "
+        f"v={v} t={t}  (TFLOPs, vision encoder excluded)"
+    )
     print(f"{'architecture':<10} {'prefill':>9} {'vs llava':>9} {'decode/tok':>11} {'KV cache':>10}")
     llava = rep["prefill"]["llava"]["total"]
     for arch in ARCHITECTURES:
         total = rep["prefill"][arch]["total"]
-        print(f"{arch:<10} {_tf(total)} {100 * (total / llava - 1):+8.1f}% "
-              f"{rep['decode_per_token'][arch] / 1e9:9.2f} G {rep['kv_cache_bytes_bf16'][arch] / 2**20:7.1f} MiB")
+        print(
+            f"{arch:<10} {_tf(total)} {100 * (total / llava - 1):+8.1f}% "
+            f"{rep['decode_per_token'][arch] / 1e9:9.2f} G {rep['kv_cache_bytes_bf16'][arch] / 2**20:7.1f} MiB"
+        )
     if dims.vision_flops:
         print(f"vision encoder: {_tf(dims.vision_flops)} TFLOPs per image (all architectures)")
     print("\nprefill reduction against text length (vs LLaVA-1.5):")
     print(f"{'t':>6} {'naavit':>8} {'saisa':>8} {'flamingo':>9}")
     for row in rep["reduction_vs_text_length"]:
-        print(f"{row['text_tokens']:>6} {100 * row['naavit_reduction']:7.1f}% {100 * row['saisa_reduction']:7.1f}% "
-              f"{100 * row['flamingo_reduction']:8.1f}%")
+        print(
+            f"{row['text_tokens']:>6} {100 * row['naavit_reduction']:7.1f}% {100 * row['saisa_reduction']:7.1f}% "
+            f"{100 * row['flamingo_reduction']:8.1f}%"
+        )
     recipe = rep["training"]["recipe"]
-    print(f"\ntraining (LLaVA-1.5 recipe: 558K align at t=64, 665K instruct at t=512): SAISA/LLaVA FLOPs = "
-          f"{recipe['ratio']:.2f} (paper: 0.74 in GPU hours)")
+    print(
+        f"\ntraining (LLaVA-1.5 recipe: 558K align at t=64, 665K instruct at t=512): SAISA/LLaVA FLOPs = "
+        f"{recipe['ratio']:.2f} (paper: 0.74 in GPU hours)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=2))
         print(f"wrote {args.json}")

@@ -36,9 +36,13 @@ def run(args: argparse.Namespace) -> int:
         if args.skip_training and cached.exists():
             reports[arch] = json.loads(cached.read_text())
         else:
-            reports[arch] = run_pipeline(arch, work, align_per_class=args.align_per_class,
-                                         instruct_per_class=args.instruct_per_class,
-                                         test_per_class=args.test_per_class)
+            reports[arch] = run_pipeline(
+                arch,
+                work,
+                align_per_class=args.align_per_class,
+                instruct_per_class=args.instruct_per_class,
+                test_per_class=args.test_per_class,
+            )
     measured = measure_inference(reports, args.ttft_prompts)
     for arch in ARCHS:
         reports[arch].update(measured[arch])
@@ -72,8 +76,10 @@ def measure_inference(reports: dict, prompts: int) -> dict:
     out = {arch: {"ttft_s": []} for arch in ARCHS}
     inputs = {}
     for arch, (model, processor) in loaded.items():
-        inputs[arch] = [processor(user_prompt(processor, row["text"], 1), images=[load_image(folder / row["image"])])
-                        for row in rows]
+        inputs[arch] = [
+            processor(user_prompt(processor, row["text"], 1), images=[load_image(folder / row["image"])])
+            for row in rows
+        ]
         first = inputs[arch][0]
         text_tokens = int(first["input_ids"].shape[1])  # includes the one placeholder token
         with FlopCounterMode(display=False) as total, torch.no_grad():
@@ -82,9 +88,13 @@ def measure_inference(reports: dict, prompts: int) -> dict:
             model.vision_tower(first["pixel_values"])
         analytic = prefill_flops(dims_from_config(model.config), arch, text_tokens, lm_head=True)
         counted = total.get_total_flops() - vision.get_total_flops() + analytic["attention"]  # sdpa is not counted
-        out[arch].update(prompt_text_tokens=text_tokens, visual_tokens=model.tokens_per_image,
-                         analytic_prefill_flops=analytic["total"], counted_prefill_flops=counted,
-                         vision_encoder_flops=vision.get_total_flops())
+        out[arch].update(
+            prompt_text_tokens=text_tokens,
+            visual_tokens=model.tokens_per_image,
+            analytic_prefill_flops=analytic["total"],
+            counted_prefill_flops=counted,
+            vision_encoder_flops=vision.get_total_flops(),
+        )
     with torch.no_grad():
         for arch, (model, _) in loaded.items():  # warm-up
             model(**inputs[arch][0])
@@ -120,10 +130,12 @@ def _markdown(reports: dict, args) -> str:
             f"| {t['instruct_s']:.0f} s | {r['analytic_prefill_flops'] / 1e9:.2f} G "
             f"| {r['counted_prefill_flops'] / 1e9:.2f} G "
             f"| {r['counted_prefill_flops'] / llava['counted_prefill_flops']:.2f}x "
-            f"| {1000 * r['ttft_s']:.1f} ms | {r['ttft_s'] / llava['ttft_s']:.2f}x |")
+            f"| {1000 * r['ttft_s']:.1f} ms | {r['ttft_s'] / llava['ttft_s']:.2f}x |"
+        )
     saisa = reports["saisa"]
-    train_ratio = ((saisa["timings"]["align_s"] + saisa["timings"]["instruct_s"])
-                   / (llava["timings"]["align_s"] + llava["timings"]["instruct_s"]))
+    train_ratio = (saisa["timings"]["align_s"] + saisa["timings"]["instruct_s"]) / (
+        llava["timings"]["align_s"] + llava["timings"]["instruct_s"]
+    )
     lines += [
         "",
         f"Prompt: {saisa['prompt_text_tokens']} text tokens (chat template included) + {saisa['visual_tokens']} "
@@ -176,8 +188,9 @@ def _plot(reports: dict, path: Path) -> None:
     axes[1].set_title("prefill GFLOPs (counted)")
     axes[2].bar(ARCHS, [1000 * reports[a]["ttft_s"] for a in ARCHS], color=colours)
     axes[2].set_title("time to first token (ms)")
-    axes[3].bar(ARCHS, [reports[a]["timings"]["align_s"] + reports[a]["timings"]["instruct_s"] for a in ARCHS],
-                color=colours)
+    axes[3].bar(
+        ARCHS, [reports[a]["timings"]["align_s"] + reports[a]["timings"]["instruct_s"] for a in ARCHS], color=colours
+    )
     axes[3].set_title("training time, both stages (s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

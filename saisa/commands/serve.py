@@ -14,10 +14,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", help="the id clients name (default: the folder name)")
-    parser.add_argument("--api-key", default=os.environ.get("SAISA_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $SAISA_API_KEY, else open)")
-    parser.add_argument("--allow-local-images", metavar="DIR",
-                        help="let requests name local image files, only under DIR (off by default)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("SAISA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $SAISA_API_KEY, else open)",
+    )
+    parser.add_argument(
+        "--allow-local-images",
+        metavar="DIR",
+        help="let requests name local image files, only under DIR (off by default)",
+    )
     parser.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
     parser.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -28,17 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from saisa.loading import load_pretrained
     from saisa.serving.protocol import ServerLimits
     from saisa.serving.server import create_app
-    from saisa.loading import load_pretrained
 
-    model, processor = load_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                       image_cache_mib=args.image_cache_mib)
-    limits = ServerLimits(max_image_bytes=args.max_image_bytes, max_tokens=args.max_tokens,
-                          allowed_image_dir=Path(args.allow_local_images) if args.allow_local_images else None)
+    model, processor = load_pretrained(
+        args.model, device=args.device, dtype=args.dtype, image_cache_mib=args.image_cache_mib
+    )
+    limits = ServerLimits(
+        max_image_bytes=args.max_image_bytes,
+        max_tokens=args.max_tokens,
+        allowed_image_dir=Path(args.allow_local_images) if args.allow_local_images else None,
+    )
     name = args.model_name or Path(args.model).resolve().name
-    app = create_app(model, processor, model_name=name, api_key=args.api_key, limits=limits,
-                     max_batch_size=args.max_batch_size)
+    app = create_app(
+        model, processor, model_name=name, api_key=args.api_key, limits=limits, max_batch_size=args.max_batch_size
+    )
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (OpenAI chat completions)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

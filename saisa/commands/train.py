@@ -12,8 +12,14 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe entry, e.g. --set stage=instruct --set training.max_steps=100")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe entry, e.g. --set stage=instruct --set training.max_steps=100",
+    )
     parser.add_argument("--stage", choices=["align", "instruct"])
     parser.add_argument("--architecture", choices=["saisa", "llava", "naavit"])
     parser.add_argument("--output-dir")

@@ -19,7 +19,7 @@ def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as handle:
         data = handle.read()
     dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -28,7 +28,8 @@ def load_split(split: str, folder: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray
     images, labels = folder / f"{prefix}-images-idx3-ubyte.gz", folder / f"{prefix}-labels-idx1-ubyte.gz"
     if not images.exists():
         raise FileNotFoundError(
-            f"{images} not found: install Debian's package with `apt-get install dataset-fashion-mnist`")
+            f"{images} not found: install Debian's package with `apt-get install dataset-fashion-mnist`"
+        )
     return _read_idx(images), _read_idx(labels)
 
 
@@ -52,10 +53,23 @@ def prepare(out: Path, *, train_per_class: int = 200, test_per_class: int = 50, 
         if not (out / name).exists():
             Image.fromarray(train_images[i]).convert("RGB").save(out / name)
         label = CLASSES[train_labels[i]]
-        align.append({"id": f"train_{i}", "image": name, "conversations": [
-            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"A photo of a {label.lower()}."}]})
-        instruct.append({"id": f"train_{i}", "image": name, "conversations": [
-            {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": label}]})
+        align.append(
+            {
+                "id": f"train_{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>"},
+                    {"from": "gpt", "value": f"A photo of a {label.lower()}."},
+                ],
+            }
+        )
+        instruct.append(
+            {
+                "id": f"train_{i}",
+                "image": name,
+                "conversations": [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": label}],
+            }
+        )
     for i in _balanced(test_labels, test_per_class, seed + 1):
         name = f"images/test_{i}.png"
         if not (out / name).exists():

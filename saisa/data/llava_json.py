@@ -40,8 +40,17 @@ class LlavaJsonDataset(Dataset):
     """Records are checked when the file is loaded (no tokenisation, no image reads), so broken data fails before
     training starts; with `skip_bad_images`, broken records and samples whose images cannot be read are skipped."""
 
-    def __init__(self, json_path: str | Path, image_folder: str | Path | None, processor: SaisaProcessor, *,
-                 template: str, tokens_per_image: int, max_length: int = 2048, skip_bad_images: bool = False):
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_folder: str | Path | None,
+        processor: SaisaProcessor,
+        *,
+        template: str,
+        tokens_per_image: int,
+        max_length: int = 2048,
+        skip_bad_images: bool = False,
+    ):
         self.path = Path(json_path)
         records = _read_records(self.path)
         self.image_folder = Path(image_folder) if image_folder else self.path.parent
@@ -63,14 +72,21 @@ class LlavaJsonDataset(Dataset):
                 raise ValueError(f"{self._where(index, record)}: {problem}")
         if self.stats.skipped_records:
             index, problem = next(iter(self.stats.skipped_records.items()))
-            logger.warning("skipping %d broken record(s), the first: %s: %s", len(self.stats.skipped_records),
-                           self._where(index, records[index]), problem)
+            logger.warning(
+                "skipping %d broken record(s), the first: %s: %s",
+                len(self.stats.skipped_records),
+                self._where(index, records[index]),
+                problem,
+            )
         if not self.records:
             raise ValueError(f"{self.path}: none of its {len(records)} records is usable")
-        if not any(turn_role(t) == "assistant" and turn_text(t).strip() for r in self.records
-                   for t in r["conversations"]):
-            raise ValueError(f"{self.path}: no record has an assistant turn with text: nothing to learn "
-                             "(every sample's loss would be 0)")
+        if not any(
+            turn_role(t) == "assistant" and turn_text(t).strip() for r in self.records for t in r["conversations"]
+        ):
+            raise ValueError(
+                f"{self.path}: no record has an assistant turn with text: nothing to learn "
+                "(every sample's loss would be 0)"
+            )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -78,8 +94,10 @@ class LlavaJsonDataset(Dataset):
     @property
     def lengths(self) -> list[int]:
         """Cheap length estimates (no tokenisation, no image reads) for length-grouped batching."""
-        return [sum(len(turn_text(t)) for t in r["conversations"]) // 4 + len(_image_names(r)) * self.tokens_per_image
-                for r in self.records]
+        return [
+            sum(len(turn_text(t)) for t in r["conversations"]) // 4 + len(_image_names(r)) * self.tokens_per_image
+            for r in self.records
+        ]
 
     def _where(self, record_index: int, record) -> str:
         has_id = isinstance(record, dict) and "id" in record

@@ -115,7 +115,7 @@ class TokenizerTemplate:
                         f"the tokenizer's chat template does not render conversations prefix by prefix (turn {i}); "
                         "use a named template"
                     )
-                if message["content"].strip() not in closed[len(opened):]:
+                if message["content"].strip() not in closed[len(opened) :]:
                     raise TemplateMismatchError(
                         f"the chat template alters the assistant text of turn {i}; use a named template"
                     )
@@ -125,8 +125,10 @@ class TokenizerTemplate:
         return Rendered(text, spans)
 
 
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 
 TEMPLATES = {
     "plain": PlainTemplate(),
@@ -134,13 +136,24 @@ TEMPLATES = {
     "vicuna_v1": Template("vicuna_v1", "<s>{system} ", VICUNA_SYSTEM, "USER: {content} ", "ASSISTANT:", " ", "</s>"),
     # LLaVA's `conv_llava_llama_3` (saisa-llama3)
     "llama3": Template(
-        "llama3", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
+        "llama3",
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>",
         "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
         "provides, and assist the user with a variety of tasks using natural language.",
         "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
-        "<|start_header_id|>assistant<|end_header_id|>\n\n", "", "<|eot_id|>"),
-    "chatml": Template("chatml", "<|im_start|>system\n{system}<|im_end|>\n", "You are a helpful assistant.",
-                       "<|im_start|>user\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "", "<|im_end|>\n"),
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "",
+        "<|eot_id|>",
+    ),
+    "chatml": Template(
+        "chatml",
+        "<|im_start|>system\n{system}<|im_end|>\n",
+        "You are a helpful assistant.",
+        "<|im_start|>user\n{content}<|im_end|>\n",
+        "<|im_start|>assistant\n",
+        "",
+        "<|im_end|>\n",
+    ),
 }
 
 
@@ -158,7 +171,7 @@ def tokenize_with_labels(rendered: Rendered, tokenizer, *, ignore_index: int = -
     encoded = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     labels = [ignore_index] * len(ids)
-    for i, (start, end) in enumerate(offsets):
+    for i, (start, _) in enumerate(offsets):
         if any(s <= start < e for s, e in rendered.assistant_spans):
             labels[i] = ids[i]
     check_labels(rendered, ids, labels, offsets, ignore_index)
@@ -169,8 +182,8 @@ def check_labels(rendered: Rendered, ids, labels, offsets, ignore_index: int) ->
     """Per assistant span, the labelled tokens must cover exactly its text (up to surrounding whitespace)."""
     for s, e in rendered.assistant_spans:
         expected = rendered.text[s:e].strip()
-        inside = [(a, b) for (a, b), label in zip(offsets, labels) if label != ignore_index and s <= a < e]
-        covered = rendered.text[inside[0][0]:inside[-1][1]].strip() if inside else ""
+        inside = [(a, b) for (a, b), label in zip(offsets, labels, strict=True) if label != ignore_index and s <= a < e]
+        covered = rendered.text[inside[0][0] : inside[-1][1]].strip() if inside else ""
         if covered != expected:
             raise TemplateMismatchError(
                 f"tokenisation does not line up with the template: the assistant text {expected[:60]!r} is covered "

@@ -10,11 +10,34 @@ from __future__ import annotations
 
 import re
 
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_NUMBERS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
-_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
-                 "wont": "won't", "im": "i'm", "ive": "i've", "youre": "you're", "thats": "that's", "whats": "what's"}
+_CONTRACTIONS = {
+    "dont": "don't",
+    "doesnt": "doesn't",
+    "isnt": "isn't",
+    "arent": "aren't",
+    "cant": "can't",
+    "wont": "won't",
+    "im": "i'm",
+    "ive": "i've",
+    "youre": "you're",
+    "thats": "that's",
+    "whats": "what's",
+}
 _PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # a period that is not a decimal point
 _COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
@@ -69,7 +92,7 @@ def yes_no(prediction: str) -> str | None:
 def pope_metrics(predictions: list[str | None], labels: list[str]) -> dict[str, float]:
     """POPE: 'yes' is the positive class; an unparsable answer counts as 'no' (as in the POPE script)."""
     predicted = [p if p in ("yes", "no") else "no" for p in predictions]
-    pairs = list(zip(predicted, labels))
+    pairs = list(zip(predicted, labels, strict=True))
     tp = sum(said == "yes" and truth == "yes" for said, truth in pairs)
     fp = sum(said == "yes" and truth == "no" for said, truth in pairs)
     fn = sum(said == "no" and truth == "yes" for said, truth in pairs)
@@ -77,5 +100,10 @@ def pope_metrics(predictions: list[str | None], labels: list[str]) -> dict[str, 
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / len(labels) if labels else 0.0, "precision": precision, "recall": recall,
-            "f1": f1, "yes_ratio": (tp + fp) / len(labels) if labels else 0.0}
+    return {
+        "accuracy": (tp + tn) / len(labels) if labels else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": (tp + fp) / len(labels) if labels else 0.0,
+    }

@@ -49,7 +49,7 @@ def question_kind(row: dict) -> str:
 
 def _options(row: dict) -> dict[str, str]:
     options = row["options"]
-    return dict(zip(string.ascii_uppercase, options)) if isinstance(options, list) else dict(options)
+    return dict(zip(string.ascii_uppercase, options, strict=False)) if isinstance(options, list) else dict(options)
 
 
 def prompt_text(row: dict) -> str:
@@ -72,11 +72,20 @@ def score(row: dict, prediction: str) -> dict:
 
 def _batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
-def generate_answers(model, processor, rows: list[dict], image_folder: str | Path | None, *, batch_size: int = 16,
-                     max_new_tokens: int = 16, blind: bool = False, desc: str = "eval") -> list[dict]:
+def generate_answers(
+    model,
+    processor,
+    rows: list[dict],
+    image_folder: str | Path | None,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    blind: bool = False,
+    desc: str = "eval",
+) -> list[dict]:
     """One record per row: prediction (or error) and score."""
     folder = Path(image_folder) if image_folder else Path(".")
     prepared, records = [], []
@@ -86,40 +95,72 @@ def generate_answers(model, processor, rows: list[dict], image_folder: str | Pat
             try:
                 image = load_image(folder / row["image"])
             except (FileNotFoundError, ValueError) as error:
-                records.append({"question_id": row.get("question_id"), "prediction": None, "error": str(error),
-                                "correct": 0.0})
+                records.append(
+                    {"question_id": row.get("question_id"), "prediction": None, "error": str(error), "correct": 0.0}
+                )
                 continue
         prepared.append((row, image))
     results = []
     for batch in tqdm(list(_batches(prepared, batch_size)), desc=desc, unit="batch"):
-        texts = answer_batch(model, processor, [prompt_text(row) for row, _ in batch],
-                             [[image] if image is not None else [] for _, image in batch],
-                             max_new_tokens=max_new_tokens)
-        for (row, _), text in zip(batch, texts):
+        texts = answer_batch(
+            model,
+            processor,
+            [prompt_text(row) for row, _ in batch],
+            [[image] if image is not None else [] for _, image in batch],
+            max_new_tokens=max_new_tokens,
+        )
+        for (row, _), text in zip(batch, texts, strict=True):
             text = text.strip()
-            results.append({"question_id": row.get("question_id"), "kind": question_kind(row), "prediction": text,
-                            **score(row, text)})
+            results.append(
+                {
+                    "question_id": row.get("question_id"),
+                    "kind": question_kind(row),
+                    "prediction": text,
+                    **score(row, text),
+                }
+            )
     return records + results
 
 
 def summarize(rows: list[dict], records: list[dict]) -> dict:
     answered = [r for r in records if r.get("error") is None]
-    metrics = {"questions": len(rows), "answered": len(answered), "missing_images": len(records) - len(answered),
-               "accuracy": sum(r["correct"] for r in answered) / len(answered) if answered else 0.0}
+    metrics = {
+        "questions": len(rows),
+        "answered": len(answered),
+        "missing_images": len(records) - len(answered),
+        "accuracy": sum(r["correct"] for r in answered) / len(answered) if answered else 0.0,
+    }
     by_id = {r.get("question_id"): r for r in rows}
     pope = [r for r in answered if r.get("kind") == "yes_no"]
     if pope:
-        metrics["pope"] = pope_metrics([r["extracted"] for r in pope], [by_id[r["question_id"]]["label"].lower()
-                                                                        for r in pope])
+        metrics["pope"] = pope_metrics(
+            [r["extracted"] for r in pope], [by_id[r["question_id"]]["label"].lower() for r in pope]
+        )
     return metrics
 
 
-def evaluate(model, processor, questions: str | Path, image_folder: str | Path | None, *,
-             out_dir: str | Path | None = None, batch_size: int = 16, max_new_tokens: int = 16,
-             blind: bool = False) -> dict:
+def evaluate(
+    model,
+    processor,
+    questions: str | Path,
+    image_folder: str | Path | None,
+    *,
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    blind: bool = False,
+) -> dict:
     rows = load_questions(questions)
-    records = generate_answers(model, processor, rows, image_folder, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, blind=blind, desc="blind" if blind else "eval")
+    records = generate_answers(
+        model,
+        processor,
+        rows,
+        image_folder,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        blind=blind,
+        desc="blind" if blind else "eval",
+    )
     metrics = summarize(rows, records)
     if out_dir is not None:
         out = Path(out_dir)

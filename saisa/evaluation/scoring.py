@@ -17,7 +17,7 @@ def continuation_loglikelihood(model, processor, text: str, images: list, contin
     ids = torch.cat([context["input_ids"], target], 1)
     target = target.to(model.device)
     logits = model(input_ids=ids, pixel_values=context.get("pixel_values"), use_cache=False).logits
-    predicted = logits[0, context["input_ids"].shape[1] - 1: -1]  # (n_target, vocab): positions that predict it
+    predicted = logits[0, context["input_ids"].shape[1] - 1 : -1]  # (n_target, vocab): positions that predict it
     logprobs = F.log_softmax(predicted.float(), -1)
     chosen = logprobs.gather(1, target[0][:, None]).squeeze(1)
     return float(chosen.sum()), bool((predicted.argmax(-1) == target[0]).all())

@@ -17,8 +17,9 @@ def _visuals(doc_to_visual, doc) -> list:
 
 
 class SaisaLMM(lmms):
-    def __init__(self, pretrained: str, batch_size: int | str = 8, device: str | None = None, dtype: str | None = None,
-                 **kwargs) -> None:
+    def __init__(
+        self, pretrained: str, batch_size: int | str = 8, device: str | None = None, dtype: str | None = None, **kwargs
+    ) -> None:
         super().__init__()
         from saisa.loading import load_pretrained
 
@@ -28,7 +29,7 @@ class SaisaLMM(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         answers = []
         for start in tqdm(range(0, len(requests), self.batch_size_per_gpu), desc="saisa generate_until"):
-            chunk = requests[start:start + self.batch_size_per_gpu]
+            chunk = requests[start : start + self.batch_size_per_gpu]
             texts, images, gen_kwargs = [], [], chunk[0].args[1]
             for request in chunk:
                 context, _, doc_to_visual, doc_id, task, split = request.args
@@ -36,9 +37,18 @@ class SaisaLMM(lmms):
                 images.append(_visuals(doc_to_visual, self.task_dict[task][split][doc_id]))
             until = gen_kwargs.get("until", [])
             until = [until] if isinstance(until, str) else list(until)
-            answers += [a.strip() for a in answer_batch(
-                self.model, self.processor, texts, images, max_new_tokens=int(gen_kwargs.get("max_new_tokens", 32)),
-                stop=until, temperature=float(gen_kwargs.get("temperature", 0.0)))]
+            answers += [
+                a.strip()
+                for a in answer_batch(
+                    self.model,
+                    self.processor,
+                    texts,
+                    images,
+                    max_new_tokens=int(gen_kwargs.get("max_new_tokens", 32)),
+                    stop=until,
+                    temperature=float(gen_kwargs.get("temperature", 0.0)),
+                )
+            ]
         return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -47,8 +57,9 @@ class SaisaLMM(lmms):
             context, doc_to_target, doc_to_visual, doc_id, task, split = request.args
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
-            scored = continuation_loglikelihood(self.model, self.processor, context, _visuals(doc_to_visual, doc),
-                                                continuation)
+            scored = continuation_loglikelihood(
+                self.model, self.processor, context, _visuals(doc_to_visual, doc), continuation
+            )
             # lmms-eval 0.7.3 turns any plain tuple response into its str(); wrapped, the (logprob, is_greedy) pair
             # reaches the task's process_results intact.
             results.append(GenerationResult(text=scored))

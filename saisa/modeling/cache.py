@@ -42,8 +42,10 @@ class SaisaCache(DynamicCache):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` input tokens (transformers' convention: a negative count)."""
         if tokens_to_remove > 0:
-            raise ValueError("SaisaCache.crop takes a negative count of tokens to remove (its length also counts "
-                             "visual keys, so an absolute length would be ambiguous)")
+            raise ValueError(
+                "SaisaCache.crop takes a negative count of tokens to remove (its length also counts "
+                "visual keys, so an absolute length would be ambiguous)"
+            )
         if self.layout is not None:
             self.layout = self.layout.drop_last_tokens(-tokens_to_remove)
         super().crop(tokens_to_remove)

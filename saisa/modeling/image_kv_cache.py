@@ -106,8 +106,13 @@ class ImageKVCache:
         if size > self.max_bytes:
             return  # larger than the whole budget: never cached
         # Own contiguous copies: a view would keep its whole batch tensor alive, unaccounted.
-        layers = [(k.detach().clone(memory_format=torch.contiguous_format),
-                   v.detach().clone(memory_format=torch.contiguous_format)) for k, v in layers]
+        layers = [
+            (
+                k.detach().clone(memory_format=torch.contiguous_format),
+                v.detach().clone(memory_format=torch.contiguous_format),
+            )
+            for k, v in layers
+        ]
         with self._lock:
             self._adopt(version)
             if key in self._entries:
@@ -135,5 +140,11 @@ class ImageKVCache:
         return len(self._entries)
 
     def stats(self) -> dict:
-        return {"entries": len(self), "bytes": self.bytes, "max_bytes": self.max_bytes, "hits": self.hits,
-                "misses": self.misses, "invalidations": self.invalidations}
+        return {
+            "entries": len(self),
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "invalidations": self.invalidations,
+        }

@@ -20,8 +20,14 @@ import torch
 
 def _to_device(layout, device: torch.device):
     """A copy of a layout dataclass with every tensor on `device`."""
-    return replace(layout, **{f.name: getattr(layout, f.name).to(device) for f in fields(layout)
-                              if isinstance(getattr(layout, f.name), torch.Tensor)})
+    return replace(
+        layout,
+        **{
+            f.name: getattr(layout, f.name).to(device)
+            for f in fields(layout)
+            if isinstance(getattr(layout, f.name), torch.Tensor)
+        },
+    )
 
 
 @dataclass
@@ -55,8 +61,12 @@ class SequenceLayout:
         batch, block = self.visual_positions.shape
         if self.num_images == batch and block == self.tokens_per_image:  # one image per sample: already in place
             return per_image
+        if self.num_images == 0:  # a phantom image (see SaisaForConditionalGeneration._phantom_image): no slots,
+            return per_image[:1, :0].expand(batch, 0, *per_image.shape[2:])  # but a (zero) gradient to its weights
         out = per_image.new_zeros(batch, block, *per_image.shape[2:])
-        slots = self.image_first_slot[:, None] + torch.arange(self.tokens_per_image, device=self.image_first_slot.device)  # (N, v)
+        slots = self.image_first_slot[:, None] + torch.arange(
+            self.tokens_per_image, device=self.image_first_slot.device
+        )  # (N, v)
         out[self.image_batch_index[:, None], slots] = per_image
         return out
 
@@ -68,7 +78,9 @@ class KeyLayout:
     positions: torch.Tensor  # (B, K)
     attendable: torch.Tensor  # (B, K)
     is_visual: torch.Tensor  # (B, K)
-    text_column: torch.Tensor  # (K,) the entry holds an input_ids column (text, placeholder, padding), not a visual slot
+    text_column: (
+        torch.Tensor
+    )  # (K,) the entry holds an input_ids column (text, placeholder, padding), not a visual slot
     next_position: torch.Tensor  # (B,)
     num_input_tokens: int  # input_ids columns consumed so far
 
@@ -78,8 +90,9 @@ class KeyLayout:
     @classmethod
     def empty(cls, batch: int, device: torch.device) -> "KeyLayout":
         none = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        return cls(none, none.bool(), none.bool(), none[0].bool(), torch.zeros(batch, dtype=torch.long, device=device),
-                   0)
+        return cls(
+            none, none.bool(), none.bool(), none[0].bool(), torch.zeros(batch, dtype=torch.long, device=device), 0
+        )
 
     def extend(self, seq: SequenceLayout) -> "KeyLayout":
         """Append a call's keys, in the order they enter the cache: visual block, then text."""
@@ -97,24 +110,43 @@ class KeyLayout:
     def select_rows(self, index: torch.Tensor) -> "KeyLayout":
         """Rows `index` (B',) in that order: beam reordering, dropping finished rows."""
         index = index.to(self.positions.device)
-        return replace(self, positions=self.positions[index], attendable=self.attendable[index],
-                       is_visual=self.is_visual[index], next_position=self.next_position[index])
+        return replace(
+            self,
+            positions=self.positions[index],
+            attendable=self.attendable[index],
+            is_visual=self.is_visual[index],
+            next_position=self.next_position[index],
+        )
 
     def drop_last_tokens(self, count: int) -> "KeyLayout":
         """Without the last `count` input_ids columns (rejected draft tokens in assisted decoding)."""
         if count == 0:
             return self
         if count > self.num_input_tokens or not bool(self.text_column[-count:].all()):
-            raise ValueError(f"cannot remove the last {count} tokens: only generated text can be removed from a SAISA "
-                             "cache, never an image's visual keys")
+            raise ValueError(
+                f"cannot remove the last {count} tokens: only generated text can be removed from a SAISA "
+                "cache, never an image's visual keys"
+            )
         removed_positions = self.positions[:, -count:].masked_fill(~self.attendable[:, -count:], 1 << 62)
         next_position = torch.minimum(self.next_position, removed_positions.min(1).values)  # (B,)
-        return KeyLayout(self.positions[:, :-count], self.attendable[:, :-count], self.is_visual[:, :-count],
-                         self.text_column[:-count], next_position, self.num_input_tokens - count)
+        return KeyLayout(
+            self.positions[:, :-count],
+            self.attendable[:, :-count],
+            self.is_visual[:, :-count],
+            self.text_column[:-count],
+            next_position,
+            self.num_input_tokens - count,
+        )
 
 
-def sequence_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, image_token_id: int,
-                    tokens_per_image: int, start_positions: torch.Tensor) -> SequenceLayout:
+def sequence_layout(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    image_token_id: int,
+    tokens_per_image: int,
+    start_positions: torch.Tensor,
+) -> SequenceLayout:
     """input_ids, attention_mask: (B, T); start_positions: (B,) position of the first new token."""
     valid = attention_mask.bool()
     is_image = (input_ids == image_token_id) & valid
@@ -134,17 +166,36 @@ def sequence_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, im
     visual_positions = torch.zeros(batch, block, dtype=torch.long, device=input_ids.device)
     visual_valid = torch.zeros(batch, block, dtype=torch.bool, device=input_ids.device)
     slots = image_first_slot[:, None] + offsets  # (N, v)
-    visual_positions[image_batch_index[:, None], slots] = text_positions[image_batch_index, image_column][:, None] + offsets
+    visual_positions[image_batch_index[:, None], slots] = (
+        text_positions[image_batch_index, image_column][:, None] + offsets
+    )
     visual_valid[image_batch_index[:, None], slots] = True
 
     last_slot = torch.where(is_image, ordinal * v + v - 1, 0)
     next_position = start_positions + length.sum(1)
-    return SequenceLayout(text_positions, valid & ~is_image, is_image, visual_positions, visual_valid,
-                          image_batch_index, image_first_slot, last_slot, next_position, v)
+    return SequenceLayout(
+        text_positions,
+        valid & ~is_image,
+        is_image,
+        visual_positions,
+        visual_valid,
+        image_batch_index,
+        image_first_slot,
+        last_slot,
+        next_position,
+        v,
+    )
 
 
-def attention_mask_4d(*, query_positions: torch.Tensor, query_is_visual: torch.Tensor, keys: KeyLayout,
-                      first_query_key: int, no_visual_to_visual: bool, dtype: torch.dtype) -> torch.Tensor:
+def attention_mask_4d(
+    *,
+    query_positions: torch.Tensor,
+    query_is_visual: torch.Tensor,
+    keys: KeyLayout,
+    first_query_key: int,
+    no_visual_to_visual: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     """Additive mask (B, 1, Q, K) for queries whose own keys are keys[first_query_key : first_query_key + Q].
 
     query_positions, query_is_visual: (B, Q).

@@ -53,14 +53,21 @@ class SaisaPreTrainedModel(PreTrainedModel):
 
 
 class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
-    def __init__(self, config: SaisaConfig, *, language_model: PreTrainedModel | None = None,
-                 vision_model: nn.Module | None = None):
+    def __init__(
+        self,
+        config: SaisaConfig,
+        *,
+        language_model: PreTrainedModel | None = None,
+        vision_model: nn.Module | None = None,
+    ):
         super().__init__(config)
         self.family = decoder_family(config.text_config)
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
         self.vision_tower = build_vision_encoder(
-            config.vision_config, feature_layer=config.vision_feature_layer,
-            select_strategy=config.vision_feature_select_strategy, module=vision_model,
+            config.vision_config,
+            feature_layer=config.vision_feature_layer,
+            select_strategy=config.vision_feature_select_strategy,
+            module=vision_model,
         )
         vision_dim, text_dim = self.vision_tower.hidden_size, config.text_config.hidden_size
         projector = lambda: MLPProjector(  # noqa: E731
@@ -83,8 +90,10 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
 
         folder = Path(str(pretrained_model_name_or_path))
         if (folder / "config.json").exists() and detect_layout(folder) != "saisa":
-            print(f"{folder}: {detect_layout(folder)} checkpoint converted on load "
-                  "(`saisa convert` writes the converted folder once)")
+            print(
+                f"{folder}: {detect_layout(folder)} checkpoint converted on load "
+                "(`saisa convert` writes the converted folder once)"
+            )
             return load_foreign(folder, architecture=kwargs.pop("architecture", None), dtype=kwargs.get("dtype"))
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
@@ -128,6 +137,16 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         weight = next(self.vision_tower.parameters())
         return self.vision_tower(pixel_values.to(device=weight.device, dtype=weight.dtype))
 
+    def _phantom_image(self) -> torch.Tensor | None:
+        """In training, a batch without images still runs one blank image through every visual weight, with no
+        visual tokens (`SequenceLayout.scatter_images` keeps zero of its slots): every rank then calls the same
+        modules in the same order and gets a (zero) gradient for each, as ZeRO-3's gathers and FSDP's reductions
+        need when another rank's batch holds images (as LLaVA's own training does). None outside training."""
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        size = self.vision_tower.preprocessing.image_size
+        return torch.zeros(1, 3, size, size)
+
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         size = self.vision_tower.preprocessing.image_size
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
@@ -162,11 +181,16 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
-        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:])
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:]
 
         prior = self._cached_layout(cache, batch, input_ids.device)
-        seq = sequence_layout(input_ids, attention_mask, image_token_id=self.config.image_token_id,
-                              tokens_per_image=self.tokens_per_image, start_positions=prior.next_position)
+        seq = sequence_layout(
+            input_ids,
+            attention_mask,
+            image_token_id=self.config.image_token_id,
+            tokens_per_image=self.tokens_per_image,
+            start_positions=prior.next_position,
+        )
         self._check_inputs(input_ids, seq, pixel_values)
         if use_cache and cache is None:
             cache = SaisaCache(config=self.config.text_config)
@@ -179,14 +203,15 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
 
         text_ids = input_ids.masked_fill(seq.is_image, 0)  # the placeholder id need not be in the vocabulary
         text_embeds = self.get_input_embeddings()(text_ids)  # (B, T, h)
-        if not seq.num_images and prior.positions.shape[1] == 0:
+        images = pixel_values if seq.num_images else self._phantom_image()
+        if images is None and prior.positions.shape[1] == 0:
             # Text only, nothing cached: exactly the bare LLM.
             hidden = self._decoder(text_embeds, attention_mask, seq.text_positions, cache, use_cache)
         elif self.config.architecture == "saisa":
-            prefix = VisualPrefix(self, pixel_values, seq) if seq.num_images else None
+            prefix = VisualPrefix(self, images, seq) if images is not None else None
             hidden = self._forward_saisa(seq, keys, prior, prefix, text_embeds, cache, use_cache)
         else:
-            features = self.encode_images(pixel_values) if seq.num_images else None
+            features = self.encode_images(images) if images is not None else None
             hidden = self._forward_embedding_space(seq, keys, prior, features, text_embeds, cache, use_cache)
 
         if cache is not None:
@@ -204,12 +229,23 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             loss = self._loss(logits, labels.to(logits.device), input_ids, attention_mask, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: cache if use_cache else None})
 
-    def _forward_saisa(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, prefix: VisualPrefix | None,
-                       text_embeds, cache, use_cache) -> torch.Tensor:
+    def _forward_saisa(
+        self,
+        seq: SequenceLayout,
+        keys: KeyLayout,
+        prior: KeyLayout,
+        prefix: VisualPrefix | None,
+        text_embeds,
+        cache,
+        use_cache,
+    ) -> torch.Tensor:
         """Text runs through the unchanged LLM; each layer's key/value set gains that layer's visual K/V."""
         mask = attention_mask_4d(
-            query_positions=seq.text_positions, query_is_visual=torch.zeros_like(seq.is_image), keys=keys,
-            first_query_key=prior.positions.shape[1] + seq.block_size, no_visual_to_visual=False,
+            query_positions=seq.text_positions,
+            query_is_visual=torch.zeros_like(seq.is_image),
+            keys=keys,
+            first_query_key=prior.positions.shape[1] + seq.block_size,
+            no_visual_to_visual=False,
             dtype=text_embeds.dtype,
         )
         extra = {}
@@ -220,17 +256,25 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             extra[VISUAL_KV_KWARG] = prefix.layer
         return self._decoder(text_embeds, mask, seq.text_positions, cache, use_cache, **extra)
 
-    def _forward_embedding_space(self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, features,
-                                 text_embeds, cache, use_cache) -> torch.Tensor:
+    def _forward_embedding_space(
+        self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, features, text_embeds, cache, use_cache
+    ) -> torch.Tensor:
         """LLaVA-1.5 / NAAViT: projected visual tokens join the input sequence as full tokens."""
         batch, block, width = text_embeds.shape[0], seq.block_size, text_embeds.shape[-1]
-        visual_embeds = (seq.scatter_images(self.project_visual_features(features)) if features is not None
-                         else text_embeds.new_zeros(batch, 0, width))  # (B, Vb, h)
+        visual_embeds = (
+            seq.scatter_images(self.project_visual_features(features))
+            if features is not None
+            else text_embeds.new_zeros(batch, 0, width)
+        )  # (B, Vb, h)
         positions = torch.cat([seq.visual_positions, seq.text_positions], 1)
         is_visual = torch.cat([seq.visual_valid, torch.zeros_like(seq.is_image)], 1)
         mask = attention_mask_4d(
-            query_positions=positions, query_is_visual=is_visual, keys=keys, first_query_key=prior.positions.shape[1],
-            no_visual_to_visual=self.config.architecture == "naavit", dtype=text_embeds.dtype,
+            query_positions=positions,
+            query_is_visual=is_visual,
+            keys=keys,
+            first_query_key=prior.positions.shape[1],
+            no_visual_to_visual=self.config.architecture == "naavit",
+            dtype=text_embeds.dtype,
         )
         hidden = self._decoder(torch.cat([visual_embeds, text_embeds], 1), mask, positions, cache, use_cache)
         # A placeholder predicts what its image's last visual token predicts (the next text token).
@@ -242,8 +286,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
 
     def _decoder(self, embeds, mask, positions, cache, use_cache, **extra) -> torch.Tensor:
         decoder = self.family.decoder(self.language_model)
-        out = decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=use_cache,
-                      **{CACHE_KWARG: cache if use_cache else None}, **extra)
+        out = decoder(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=use_cache,
+            **{CACHE_KWARG: cache if use_cache else None},
+            **extra,
+        )
         return out.last_hidden_state
 
     def loss_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -260,12 +310,19 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             ignore[:, 1:] |= is_image[:, :-1]
         return labels.masked_fill(ignore, IGNORE_INDEX)
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    def _loss(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int | None,
+    ) -> torch.Tensor:
         """Next-token cross-entropy in input_ids' layout, summed, over the step's label count (or this batch's)."""
         targets = self.loss_labels(input_ids, attention_mask, labels)[:, 1:]  # (B, T-1), target of column j is j+1
-        total = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                reduction="sum")
+        total = F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
         return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 
@@ -276,9 +333,11 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             return cache
         if type(cache) is DynamicCache and cache.get_seq_length() == 0:
             return SaisaCache(config=self.config.text_config)
-        raise ValueError(f"SAISA models keep their KV cache in a SaisaCache (it also holds the visual keys and their "
-                         f"layout); got a {type(cache).__name__}"
-                         + ("" if isinstance(cache, DynamicCache) else ": static and quantized caches are not supported"))
+        raise ValueError(
+            f"SAISA models keep their KV cache in a SaisaCache (it also holds the visual keys and their "
+            f"layout); got a {type(cache).__name__}"
+            + ("" if isinstance(cache, DynamicCache) else ": static and quantized caches are not supported")
+        )
 
     def _cached_layout(self, cache: SaisaCache | None, batch: int, device: torch.device) -> KeyLayout:
         if cache is None or cache.layout is None:
@@ -308,15 +367,25 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             )
 
     # -- generation ----------------------------------------------------------------------------------------------------
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, attention_mask=None,
-                                      pixel_values=None, is_first_iteration=False, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        input_ids,
+        next_sequence_length=None,
+        attention_mask=None,
+        pixel_values=None,
+        is_first_iteration=False,
+        **kwargs,
+    ):
         layout = getattr(kwargs.get(CACHE_KWARG), "layout", None)
         if layout is not None:
             # The cache also holds visual keys, so its length is not a count of input_ids columns; the layout is.
-            input_ids, next_sequence_length = input_ids[:, layout.num_input_tokens:], None
+            input_ids, next_sequence_length = input_ids[:, layout.num_input_tokens :], None
         inputs = super().prepare_inputs_for_generation(
-            input_ids, next_sequence_length=next_sequence_length, attention_mask=attention_mask,
-            is_first_iteration=is_first_iteration, **kwargs,
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
         )
         new_ids = inputs["input_ids"]
         if self.config.architecture == "saisa" and (new_ids[:, -1] == self.config.image_token_id).any():
@@ -325,8 +394,13 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             inputs["pixel_values"] = pixel_values
         return inputs
 
-    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
-                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ):
         """Beam search and `num_return_sequences` repeat every sample; pixel_values holds images, not samples, so each
         sample's images are repeated with it (transformers would repeat each image in place)."""
         pixel_values = model_kwargs.pop("pixel_values", None)
@@ -335,7 +409,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             chunks = torch.split(pixel_values, per_sample)
             pixel_values = torch.cat([chunk for chunk in chunks for _ in range(expand_size)])
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs)
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
         if pixel_values is not None:
             model_kwargs["pixel_values"] = pixel_values
         return input_ids, model_kwargs

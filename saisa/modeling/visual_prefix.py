@@ -44,8 +44,9 @@ class VisualPrefix:
         return model.family.rotate_keys(model.language_model, k, self.seq.visual_positions), v
 
 
-def layer_keys_values(model: SaisaForConditionalGeneration, features: torch.Tensor,
-                      layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_keys_values(
+    model: SaisaForConditionalGeneration, features: torch.Tensor, layer_idx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer `layer_idx`'s keys (before RoPE) and values of every image, (N, kv_heads, v, head_dim) each."""
     layer = model.family.layers(model.language_model)[layer_idx]
     return model.family.visual_keys_values(layer, model.project_visual_features(features, layer_idx))
@@ -77,8 +78,10 @@ def images_keys_values(model: SaisaForConditionalGeneration, pixel_values: torch
     per_image = [found[key] for key in keys]
     if len(per_image) == 1:  # views, no copy
         return lambda layer: (per_image[0][layer][0][None], per_image[0][layer][1][None])
-    return lambda layer: (torch.stack([image[layer][0] for image in per_image]),
-                          torch.stack([image[layer][1] for image in per_image]))
+    return lambda layer: (
+        torch.stack([image[layer][0] for image in per_image]),
+        torch.stack([image[layer][1] for image in per_image]),
+    )
 
 
 def _weights_version(model: SaisaForConditionalGeneration, pixel_values: torch.Tensor) -> WeightsVersion | None:

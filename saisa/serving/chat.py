@@ -28,22 +28,31 @@ class ChatSession:
         prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True)
         full = self.processor(prompt, images=self.images + images)
         ids = full["input_ids"]
-        reuse = (self.ids is not None and ids.shape[1] > self.ids.shape[1]
-                 and torch.equal(ids[:, : self.ids.shape[1]], self.ids))
+        reuse = (
+            self.ids is not None
+            and ids.shape[1] > self.ids.shape[1]
+            and torch.equal(ids[:, : self.ids.shape[1]], self.ids)
+        )
         if reuse:
-            new_images = full["pixel_values"][len(self.images):] if images else None
+            new_images = full["pixel_values"][len(self.images) :] if images else None
             kwargs = {CACHE_KWARG: self.cache, "pixel_values": new_images}
             self.last_new_tokens = ids.shape[1] - self.ids.shape[1]
         else:  # first turn, or the template re-rendered earlier turns differently: start over
             kwargs = {"pixel_values": full.get("pixel_values")}
             self.last_new_tokens = ids.shape[1]
-        settings = generate_kwargs(self.model, self.processor, max_new_tokens=self.max_new_tokens,
-                                   temperature=1.0 if do_sample else 0.0, streamer=streamer)
+        settings = generate_kwargs(
+            self.model,
+            self.processor,
+            max_new_tokens=self.max_new_tokens,
+            temperature=1.0 if do_sample else 0.0,
+            streamer=streamer,
+        )
         with torch.no_grad():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True,
-                                      **settings, **kwargs)
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True, **settings, **kwargs
+            )
         self.ids, self.cache = out.sequences, output_cache(out)
         self.images += images
-        answer = self.processor.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        answer = self.processor.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True).strip()
         self.messages.append({"role": "assistant", "content": answer})
         return answer

@@ -52,7 +52,7 @@ class _BatchStreamer(BaseStreamer):
         if not self.prompt_seen:  # generate() first passes the prompt
             self.prompt_seen = True
             return
-        for job, token in zip(self.jobs, value.view(-1).tolist()):
+        for job, token in zip(self.jobs, value.view(-1).tolist(), strict=True):
             if job.finish_reason is not None:
                 continue
             if token in self.eos_ids:
@@ -61,7 +61,7 @@ class _BatchStreamer(BaseStreamer):
             job.tokens.append(token)
             text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # hold back a half multi-byte character
-                delta, job.text = text[len(job.text):], text
+                delta, job.text = text[len(job.text) :], text
                 if delta and job.on_token is not None:
                     job.on_token(delta)
             if len(job.tokens) >= job.max_tokens:
@@ -70,7 +70,7 @@ class _BatchStreamer(BaseStreamer):
     def end(self) -> None:
         for job in self.jobs:
             text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-            delta, job.text = text[len(job.text):], text
+            delta, job.text = text[len(job.text) :], text
             if delta and job.on_token is not None:
                 job.on_token(delta)
             if job.finish_reason is None:
@@ -118,14 +118,19 @@ class GenerationEngine:
             processor = self.processor
             images = [image for job in batch for image in job.images]
             inputs = processor([job.prompt for job in batch], images=images or None)
-            for job, mask in zip(batch, inputs["attention_mask"]):
+            for job, mask in zip(batch, inputs["attention_mask"], strict=True):
                 job.prompt_tokens = int(mask.sum())
             sampling = batch[0].sampling
             if not sampling.greedy and sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            settings = generate_kwargs(self.model, processor, max_new_tokens=max(job.max_tokens for job in batch),
-                                       temperature=sampling.temperature, top_p=sampling.top_p,
-                                       streamer=_BatchStreamer(batch, processor.tokenizer, self.eos_ids))
+            settings = generate_kwargs(
+                self.model,
+                processor,
+                max_new_tokens=max(job.max_tokens for job in batch),
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                streamer=_BatchStreamer(batch, processor.tokenizer, self.eos_ids),
+            )
             with torch.no_grad():
                 self.model.generate(**inputs, **settings)
             self.batches_run += 1

@@ -21,7 +21,8 @@ class RequestError(Exception):
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
-            self.status, "invalid_request_error")
+            self.status, "invalid_request_error"
+        )
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -57,8 +58,9 @@ def decode_image(url: str, limits: ServerLimits, where: str) -> Image.Image:
         if ";base64" not in header:
             raise RequestError(400, f"{where}: only base64 data URLs are supported", param=where)
         if len(payload) * 3 // 4 > limits.max_image_bytes:
-            raise RequestError(400, f"{where}: image larger than {limits.max_image_bytes} bytes", param=where,
-                               code="image_too_large")
+            raise RequestError(
+                400, f"{where}: image larger than {limits.max_image_bytes} bytes", param=where, code="image_too_large"
+            )
         try:
             raw = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
@@ -69,17 +71,20 @@ def decode_image(url: str, limits: ServerLimits, where: str) -> Image.Image:
     else:
         path = Path(url.removeprefix("file://"))
         if limits.allowed_image_dir is None:
-            raise RequestError(403, f"{where}: reading local files is disabled on this server", param=where,
-                               code="path_not_allowed")
+            raise RequestError(
+                403, f"{where}: reading local files is disabled on this server", param=where, code="path_not_allowed"
+            )
         resolved, root = path.resolve(), limits.allowed_image_dir.resolve()
         if not resolved.is_relative_to(root):
-            raise RequestError(403, f"{where}: {path} is outside the allowed folder", param=where,
-                               code="path_not_allowed")
+            raise RequestError(
+                403, f"{where}: {path} is outside the allowed folder", param=where, code="path_not_allowed"
+            )
         if not resolved.is_file():
             raise RequestError(400, f"{where}: image file {path} not found", param=where)
         if resolved.stat().st_size > limits.max_image_bytes:
-            raise RequestError(400, f"{where}: image larger than {limits.max_image_bytes} bytes", param=where,
-                               code="image_too_large")
+            raise RequestError(
+                400, f"{where}: image larger than {limits.max_image_bytes} bytes", param=where, code="image_too_large"
+            )
         source = resolved
     try:
         with Image.open(source) as image:
@@ -114,6 +119,7 @@ def to_prompt(request: ChatCompletionRequest, processor, limits: ServerLimits) -
                 raise RequestError(400, f"{where}: unsupported content type {kind!r} (text, image_url)", param=where)
         messages.append({"role": message.role, "content": parts})
     if len(images) > limits.max_images:
-        raise RequestError(400, f"{len(images)} images exceed this server's limit of {limits.max_images}",
-                           param="messages")
+        raise RequestError(
+            400, f"{len(images)} images exceed this server's limit of {limits.max_images}", param="messages"
+        )
     return processor.apply_chat_template(messages, add_generation_prompt=True), images

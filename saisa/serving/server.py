@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 import uuid
@@ -16,9 +17,20 @@ from saisa.serving.engine import GenerationEngine, Job, Sampling
 from saisa.serving.protocol import ChatCompletionRequest, RequestError, ServerLimits, to_prompt
 
 
-def create_app(model, processor, *, model_name: str = "saisa", api_key: str | None = None,
-               limits: ServerLimits = ServerLimits(), max_batch_size: int = 8) -> FastAPI:
+def create_app(
+    model,
+    processor,
+    *,
+    model_name: str = "saisa",
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    max_batch_size: int = 8,
+) -> FastAPI:
+    limits = limits or ServerLimits()
     engine = GenerationEngine(model, processor, max_batch_size=max_batch_size)
+    # The engine thread tokenises batches with padding; a fast tokenizer keeps its padding settings in shared state,
+    # so requests count their tokens with a copy of their own.
+    counting_tokenizer = copy.deepcopy(processor.tokenizer)
     max_positions = limits.max_prompt_positions or getattr(model.config.text_config, "max_position_embeddings", None)
     app = FastAPI(title="saisa", description="OpenAI-compatible chat completions for SAISA models")
     app.state.engine = engine
@@ -37,8 +49,12 @@ def create_app(model, processor, *, model_name: str = "saisa", api_key: str | No
     @app.get("/health")
     async def health():
         cache = model.image_kv_cache
-        return {"status": "ok", "model": model_name, "batches_run": engine.batches_run,
-                "image_kv_cache": cache.stats() if cache is not None else None}
+        return {
+            "status": "ok",
+            "model": model_name,
+            "batches_run": engine.batches_run,
+            "image_kv_cache": cache.stats() if cache is not None else None,
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -48,18 +64,28 @@ def create_app(model, processor, *, model_name: str = "saisa", api_key: str | No
     async def chat_completions(request: Request):
         chat = _parse(await request.body())
         if chat.model != model_name:
-            raise RequestError(404, f"model {chat.model!r} not found; this server serves {model_name!r}",
-                               param="model", code="model_not_found")
+            raise RequestError(
+                404,
+                f"model {chat.model!r} not found; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         max_tokens = chat.max_completion_tokens or chat.max_tokens or min(256, limits.max_tokens)
         if max_tokens > limits.max_tokens:
-            raise RequestError(400, f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens}",
-                               param="max_tokens")
+            raise RequestError(
+                400, f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens}", param="max_tokens"
+            )
         prompt, images = to_prompt(chat, processor, limits)
-        positions = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]) + len(images) * (
-            model.tokens_per_image - 1)
+        positions = len(counting_tokenizer(prompt, add_special_tokens=False)["input_ids"]) + len(images) * (
+            model.tokens_per_image - 1
+        )
         if max_positions and positions + max_tokens > max_positions:
-            raise RequestError(400, f"prompt too long: {positions} positions + {max_tokens} new tokens exceed "
-                                    f"the model's {max_positions}", param="messages", code="context_length_exceeded")
+            raise RequestError(
+                400,
+                f"prompt too long: {positions} positions + {max_tokens} new tokens exceed the model's {max_positions}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         sampling = Sampling(temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed)
         job = Job(prompt=prompt, images=images, max_tokens=max_tokens, sampling=sampling)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -67,11 +93,18 @@ def create_app(model, processor, *, model_name: str = "saisa", api_key: str | No
             return StreamingResponse(_stream(engine, job, ident, created, model_name), media_type="text/event-stream")
         await asyncio.to_thread(_run, engine, job)
         return {
-            "id": ident, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
-                         "finish_reason": job.finish_reason}],
-            "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(job.tokens),
-                      "total_tokens": job.prompt_tokens + len(job.tokens)},
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": model_name,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": job.text}, "finish_reason": job.finish_reason}
+            ],
+            "usage": {
+                "prompt_tokens": job.prompt_tokens,
+                "completion_tokens": len(job.tokens),
+                "total_tokens": job.prompt_tokens + len(job.tokens),
+            },
         }
 
     return app
@@ -106,8 +139,13 @@ async def _stream(engine: GenerationEngine, job: Job, ident: str, created: int, 
     engine.submit(job)
 
     def chunk(delta: dict, finish: str | None = None) -> str:
-        body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        body = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})

@@ -20,14 +20,18 @@ def deepspeed_config(name_or_path: str, *, on_gpu: bool) -> dict:
     except ImportError as error:
         raise ImportError(f"training.deepspeed={name_or_path} needs DeepSpeed: {INSTALL_DEEPSPEED}") from error
     if "LOCAL_RANK" not in os.environ:  # else DeepSpeed looks for MPI and fails on a missing mpi4py
-        raise ValueError(f"training.deepspeed={name_or_path} runs under a launcher: torchrun --nproc_per_node N "
-                         "-m saisa.cli train ... (N=1 for one GPU) or accelerate launch; or set training.deepspeed=null")
+        raise ValueError(
+            f"training.deepspeed={name_or_path} runs under a launcher: torchrun --nproc_per_node N "
+            "-m saisa.cli train ... (N=1 for one GPU) or accelerate launch; or set training.deepspeed=null"
+        )
     path = Path(name_or_path)
     if not path.exists():
         path = DEEPSPEED_DIR / f"{name_or_path}.json"
         if not path.exists():
             shipped = ", ".join(sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json")))
-            raise FileNotFoundError(f"DeepSpeed config {name_or_path!r} is neither a file nor a shipped one ({shipped})")
+            raise FileNotFoundError(
+                f"DeepSpeed config {name_or_path!r} is neither a file nor a shipped one ({shipped})"
+            )
     config = json.loads(path.read_text())
     zero = config.setdefault("zero_optimization", {})
     if zero.get("stage") == 3:
@@ -74,8 +78,11 @@ def describe_engine(trainer) -> str:
     ranks = f"over {trainer.args.world_size} rank{'s' if trainer.args.world_size > 1 else ''}"
     if trainer.is_deepspeed_enabled:
         ds_config = trainer.args.hf_deepspeed_config
-        offloaded = [name for key, name in (("optimizer", "optimizer state"), ("param", "parameters"))
-                     if ds_config.get_value(f"zero_optimization.offload_{key}.device", "none") != "none"]
+        offloaded = [
+            name
+            for key, name in (("optimizer", "optimizer state"), ("param", "parameters"))
+            if ds_config.get_value(f"zero_optimization.offload_{key}.device", "none") != "none"
+        ]
         offload = f", {' and '.join(offloaded)} offloaded to CPU" if offloaded else ""
         return f"DeepSpeed ZeRO-{ds_config.get_value('zero_optimization.stage')} {ranks}{offload}"
     if trainer.is_fsdp_enabled:
@@ -95,8 +102,10 @@ def describe_engine(trainer) -> str:
 def check_lora_supported(trainer) -> None:
     """Merging LoRA needs the full base weights: ZeRO-3 gathers them (`save_final`), FSDP2 holds them as DTensors."""
     if trainer.is_fsdp_enabled:
-        raise ValueError("LoRA with FSDP is not supported (the merge needs the unsharded base weights): "
-                         "train LoRA with DDP or DeepSpeed (training.fsdp=null, training.deepspeed=zero2 or zero3)")
+        raise ValueError(
+            "LoRA with FSDP is not supported (the merge needs the unsharded base weights): "
+            "train LoRA with DDP or DeepSpeed (training.fsdp=null, training.deepspeed=zero2 or zero3)"
+        )
 
 
 def save_final(trainer, output_dir: Path, *, lora: bool) -> None:

@@ -23,10 +23,18 @@ STAGE_DEFAULTS = {
     "instruct": {"learning_rate": 2e-5, "template": "vicuna_v1"},
 }
 TRAINING_DEFAULTS = {
-    "num_train_epochs": 1, "warmup_steps": 0.03,  # < 1: a ratio of all steps
-    "lr_scheduler_type": "cosine", "weight_decay": 0.0,
-    "per_device_train_batch_size": 16, "gradient_accumulation_steps": 1, "logging_steps": 10, "save_steps": 500,
-    "save_total_limit": 2, "seed": 42, "activation_checkpointing": False, "dataloader_num_workers": 0,
+    "num_train_epochs": 1,
+    "warmup_steps": 0.03,  # < 1: a ratio of all steps
+    "lr_scheduler_type": "cosine",
+    "weight_decay": 0.0,
+    "per_device_train_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "save_total_limit": 2,
+    "seed": 42,
+    "activation_checkpointing": False,
+    "dataloader_num_workers": 0,
     "report_to": "none",
 }
 
@@ -51,12 +59,23 @@ class RecipeLoader(yaml.SafeLoader):
 
 
 RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"))
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
 
 # Every key a recipe may hold, per section; `training` also takes every TrainingArguments field (`recipe_keys`).
-TOP_LEVEL_KEYS = {"stage", "architecture", "output_dir", "model", "data", "lora", "training", "freeze_llm",
-                  "expand_shared_projector"}
+TOP_LEVEL_KEYS = {
+    "stage",
+    "architecture",
+    "output_dir",
+    "model",
+    "data",
+    "lora",
+    "training",
+    "freeze_llm",
+    "expand_shared_projector",
+}
 MODEL_KEYS = {"init", "llm", "vision", "image_size", "shared_projector", "template"}
 DATA_KEYS = {"train", "image_folder", "template", "max_length", "skip_bad_images"}
 # Read by run_training itself; not TrainingArguments fields in every supported transformers release.
@@ -68,8 +87,13 @@ def recipe_keys() -> dict[str, set[str]]:
     from transformers import TrainingArguments
 
     training = {f.name for f in dataclasses.fields(TrainingArguments)} | set(TRAINING_DEFAULTS) | TRAINING_EXTRA_KEYS
-    return {"": TOP_LEVEL_KEYS, "model": MODEL_KEYS, "data": DATA_KEYS,
-            "lora": {f.name for f in dataclasses.fields(LoraSettings)}, "training": training}
+    return {
+        "": TOP_LEVEL_KEYS,
+        "model": MODEL_KEYS,
+        "data": DATA_KEYS,
+        "lora": {f.name for f in dataclasses.fields(LoraSettings)},
+        "training": training,
+    }
 
 
 def validate_recipe(recipe: dict) -> None:
@@ -116,7 +140,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict:
         for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: `{'.'.join(parents[:depth + 1])}` is {node!r}, not a mapping")
+                raise ValueError(f"override {item!r}: `{'.'.join(parents[: depth + 1])}` is {node!r}, not a mapping")
         node[leaf] = yaml.load(raw, Loader=RecipeLoader)
     validate_recipe(recipe)
     return recipe
@@ -152,13 +176,17 @@ def build_model_and_processor(model_spec: dict, architecture: str):
     if "llm" in model_spec and "vision" in model_spec:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from saisa.interop import checkpoint_image_processor
         from saisa.vision.clip import load_vision_model
 
         llm = AutoModelForCausalLM.from_pretrained(model_spec["llm"], dtype=torch.float32)
         vision = load_vision_model(model_spec["vision"])
         model = SaisaForConditionalGeneration.from_modules(llm, vision, architecture=architecture, **extra)
-        processor = SaisaProcessor(AutoTokenizer.from_pretrained(model_spec["llm"]), model.vision_tower.preprocessing,
-                                   template=model_spec.get("template"))
+        processor = SaisaProcessor(
+            AutoTokenizer.from_pretrained(model_spec["llm"]),
+            checkpoint_image_processor(model_spec["vision"], model),
+            template=model_spec.get("template"),
+        )
         model.config.image_token_id = processor.image_token_id
         return model, processor
     raise ValueError("recipe `model` needs `init: embedded`, `init: <saved model folder>`, or `llm:` and `vision:`")
@@ -187,16 +215,23 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
         logger.info("initialised %d per-layer projectors from the shared one", len(model.layer_projectors))
 
     dataset = LlavaJsonDataset(
-        _require(data, "train"), data.get("image_folder"), processor,
-        template=data.get("template", STAGE_DEFAULTS[stage]["template"]), tokens_per_image=model.tokens_per_image,
-        max_length=data.get("max_length", 2048), skip_bad_images=data.get("skip_bad_images", False),
+        _require(data, "train"),
+        data.get("image_folder"),
+        processor,
+        template=data.get("template", STAGE_DEFAULTS[stage]["template"]),
+        tokens_per_image=model.tokens_per_image,
+        max_length=data.get("max_length", 2048),
+        skip_bad_images=data.get("skip_bad_images", False),
     )
     lora = LoraSettings(**recipe.get("lora", {}))
     trainable = configure_stage(model, stage, freeze_llm=recipe.get("freeze_llm", False), lora=lora)
     print(f"stage {stage} ({architecture}): {trainable_summary(trainable)}; {len(dataset)} samples")
 
-    settings = {**TRAINING_DEFAULTS, "learning_rate": STAGE_DEFAULTS[stage]["learning_rate"],
-                **recipe.get("training", {})}
+    settings = {
+        **TRAINING_DEFAULTS,
+        "learning_rate": STAGE_DEFAULTS[stage]["learning_rate"],
+        **recipe.get("training", {}),
+    }
     on_gpu = torch.cuda.is_available()
     settings.setdefault("bf16", on_gpu and torch.cuda.is_bf16_supported())
     if settings.pop("group_by_length", True):
@@ -208,11 +243,17 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
     if settings.get("activation_checkpointing"):
         # non-reentrant: with a frozen LLM the checkpointed layers' inputs need no grad, yet projector grads must flow
         settings.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
-    args = TrainingArguments(output_dir=str(output_dir), remove_unused_columns=False, use_cpu=not on_gpu,
-                             **training_arguments(settings))
-    trainer = SaisaTrainer(model=trainable, args=args, train_dataset=dataset,
-                           data_collator=Collator(processor.tokenizer.pad_token_id, model.loss_labels), lengths=dataset.lengths,
-                           callbacks=[ThroughputCallback(), LossCurveCallback(), *(callbacks or [])])
+    args = TrainingArguments(
+        output_dir=str(output_dir), remove_unused_columns=False, use_cpu=not on_gpu, **training_arguments(settings)
+    )
+    trainer = SaisaTrainer(
+        model=trainable,
+        args=args,
+        train_dataset=dataset,
+        data_collator=Collator(processor.tokenizer.pad_token_id, model.loss_labels),
+        lengths=dataset.lengths,
+        callbacks=[ThroughputCallback(), LossCurveCallback(), *(callbacks or [])],
+    )
     engines.enable_fsdp_on_cpu(trainer)
     if trainer.is_world_process_zero():
         print(f"engine: {engines.describe_engine(trainer)}")
@@ -226,12 +267,19 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
     engines.save_final(trainer, output_dir, lora=lora.r > 0)
     if trainer.args.should_save:
         processor.save_pretrained(output_dir)
-        report = {"stage": stage, "architecture": architecture, "samples": len(dataset),
-                  "truncated_samples": dataset.stats.truncated, "skipped_samples": dataset.stats.skipped,
-                  "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),
-                  "losses": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]}
+        report = {
+            "stage": stage,
+            "architecture": architecture,
+            "samples": len(dataset),
+            "truncated_samples": dataset.stats.truncated,
+            "skipped_samples": dataset.stats.skipped,
+            "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),
+            "losses": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
+        }
         (output_dir / "training_report.json").write_text(json.dumps(report, indent=2))
-        print(f"truncated {dataset.stats.truncated} sample(s) to {dataset.max_length} positions; "
-              f"skipped {dataset.stats.skipped} sample(s) with a bad image or a broken record")
+        print(
+            f"truncated {dataset.stats.truncated} sample(s) to {dataset.max_length} positions; "
+            f"skipped {dataset.stats.skipped} sample(s) with a bad image or a broken record"
+        )
         print(f"saved the trained model and its processor to {output_dir}")
     return output_dir

@@ -40,8 +40,9 @@ def expand_shared_projector(model: SaisaForConditionalGeneration) -> bool:
     return True
 
 
-def configure_stage(model: SaisaForConditionalGeneration, stage: str, *, freeze_llm: bool = False,
-                    lora: LoraSettings | None = None):
+def configure_stage(
+    model: SaisaForConditionalGeneration, stage: str, *, freeze_llm: bool = False, lora: LoraSettings | None = None
+):
     """Set requires_grad for `stage`; returns the model to train (a peft model when LoRA is on)."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -54,8 +55,13 @@ def configure_stage(model: SaisaForConditionalGeneration, stage: str, *, freeze_
         from peft import LoraConfig, get_peft_model
 
         # peft cannot wrap a ModuleList whole: name the projectors' linears (nothing else is called linear_1/2)
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=LORA_TARGETS,
-                            modules_to_save=["linear_1", "linear_2"])
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=LORA_TARGETS,
+            modules_to_save=["linear_1", "linear_2"],
+        )
         return get_peft_model(model, config)
     if not freeze_llm:
         model.language_model.requires_grad_(True)

@@ -46,7 +46,8 @@ class SaisaTrainer(Trainer):
             # Our dataset knows cheap length estimates; the default would read every image to measure them.
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             self.length_sampler = EpochSeededLengthGroupedSampler(
-                self.args.train_batch_size * self.args.gradient_accumulation_steps, self.lengths, seed)
+                self.args.train_batch_size * self.args.gradient_accumulation_steps, self.lengths, seed
+            )
             return self.length_sampler
         return super()._get_train_sampler(train_dataset)
 
@@ -101,7 +102,7 @@ class SaisaTrainer(Trainer):
         if self.state.best_model_checkpoint is not None:
             protected.add(Path(self.state.best_model_checkpoint).name)
         removable = [checkpoint for checkpoint in complete if checkpoint.name not in protected]  # oldest first
-        for checkpoint in removable[:max(0, len(complete) - max(limit, len(protected)))]:
+        for checkpoint in removable[: max(0, len(complete) - max(limit, len(protected)))]:
             (checkpoint / COMPLETE_MARKER).unlink(missing_ok=True)  # a deletion cut short must not look complete
             shutil.rmtree(checkpoint, ignore_errors=True)
 
@@ -187,7 +188,7 @@ class LossCurveCallback(TrainerCallback):
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        ax.plot(*zip(*points), marker="." if len(points) < 50 else None)
+        ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.set_title(Path(args.output_dir).name)

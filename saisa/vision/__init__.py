@@ -44,8 +44,12 @@ class ImagePreprocessing:
     def of(cls, image_processor: BaseImageProcessor) -> ImagePreprocessing:
         """What an image processor does to an (already square) image."""
         size = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
-        return cls(size.height or size.shortest_edge, tuple(image_processor.image_mean),
-                   tuple(image_processor.image_std), type(image_processor).__name__.removesuffix("Pil"))
+        return cls(
+            size.height or size.shortest_edge,
+            tuple(image_processor.image_mean),
+            tuple(image_processor.image_std),
+            type(image_processor).__name__.removesuffix("Pil"),
+        )
 
 
 class VisionEncoder(nn.Module):
@@ -71,8 +75,9 @@ def register_vision_encoder(*model_types: str):
     return decorator
 
 
-def build_vision_encoder(config: PreTrainedConfig, *, feature_layer: int, select_strategy: str,
-                         module: nn.Module | None = None) -> VisionEncoder:
+def build_vision_encoder(
+    config: PreTrainedConfig, *, feature_layer: int, select_strategy: str, module: nn.Module | None = None
+) -> VisionEncoder:
     """Build the encoder for `config` (random weights), or wrap an already-loaded `module` of that kind."""
     try:
         cls = VISION_ENCODERS[config.model_type]

@@ -8,15 +8,21 @@ from transformers import AutoConfig, AutoModel, CLIPVisionModel, PreTrainedConfi
 
 from saisa.vision import ImagePreprocessing, VisionEncoder, register_vision_encoder
 
-VISION_MODEL_CLASSES = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel,
-                        "siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}
+VISION_MODEL_CLASSES = {
+    "clip": CLIPVisionModel,
+    "clip_vision_model": CLIPVisionModel,
+    "siglip": SiglipVisionModel,
+    "siglip_vision_model": SiglipVisionModel,
+}
 
 
 def load_vision_model(folder: str) -> nn.Module:
     """The vision half of a local CLIP / SigLIP checkpoint (a full CLIP folder works: its text half is skipped)."""
     model_type = AutoConfig.from_pretrained(folder).model_type
     if model_type not in VISION_MODEL_CLASSES:
-        raise ValueError(f"{folder}: unsupported vision checkpoint {model_type!r}; one of {sorted(VISION_MODEL_CLASSES)}")
+        raise ValueError(
+            f"{folder}: unsupported vision checkpoint {model_type!r}; one of {sorted(VISION_MODEL_CLASSES)}"
+        )
     return VISION_MODEL_CLASSES[model_type].from_pretrained(folder, dtype=torch.float32)
 
 
@@ -25,8 +31,9 @@ _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.2613
 
 @register_vision_encoder("clip_vision_model", "siglip_vision_model")
 class TransformersVisionTower(VisionEncoder):
-    def __init__(self, config: PreTrainedConfig, *, feature_layer: int, select_strategy: str,
-                 module: nn.Module | None = None):
+    def __init__(
+        self, config: PreTrainedConfig, *, feature_layer: int, select_strategy: str, module: nn.Module | None = None
+    ):
         super().__init__()
         self.model = module if module is not None else AutoModel.from_config(config)
         self.feature_layer = feature_layer
@@ -37,8 +44,9 @@ class TransformersVisionTower(VisionEncoder):
         self.hidden_size = config.hidden_size
         siglip = config.model_type == "siglip_vision_model"
         mean, std = ((0.5,) * 3, (0.5,) * 3) if siglip else (_CLIP_MEAN, _CLIP_STD)
-        self.preprocessing = ImagePreprocessing(config.image_size, mean, std,
-                                                "SiglipImageProcessor" if siglip else "CLIPImageProcessor")
+        self.preprocessing = ImagePreprocessing(
+            config.image_size, mean, std, "SiglipImageProcessor" if siglip else "CLIPImageProcessor"
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, v, d_vis)
         dtype = next(self.model.parameters()).dtype

