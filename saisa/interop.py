@@ -271,25 +271,17 @@ def load_foreign(folder: str | Path, *, architecture: str | None = None, dtype: 
     return model.eval()
 
 
-def checkpoint_image_processor(folder: str | Path, model):
-    """The checkpoint's own image processor (its `preprocessor_config.json`) where it has one, else the one the
-    model's vision encoder states."""
-    if (Path(folder) / "preprocessor_config.json").exists():
-        from transformers import AutoImageProcessor
-
-        return AutoImageProcessor.from_pretrained(folder)
-    return model.vision_tower.preprocessing
-
-
 def processor_for_foreign(folder: str | Path, model, *, template: str | None = None):
     """The tokenizer of the checkpoint folder with LLaVA-1.5 preprocessing; the conversation template the checkpoint
     was trained with (Vicuna v1 for Llama-2/Vicuna, the LLaVA Llama-3 template for Llama-3)."""
-    from saisa.processing import SaisaProcessor
+    from saisa.processing import SaisaProcessor, checkpoint_image_processor
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if template is None and detect_layout(folder) == "llava_original":
         template = "llama3" if "<|eot_id|>" in tokenizer.get_vocab() else "vicuna_v1"
-    processor = SaisaProcessor(tokenizer, checkpoint_image_processor(folder, model), template=template)
+    processor = SaisaProcessor(
+        tokenizer, checkpoint_image_processor(folder, model.vision_tower.preprocessing), template=template
+    )
     if processor.image_token_id != model.config.image_token_id:
         model.config.image_token_id = processor.image_token_id
     return processor

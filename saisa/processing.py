@@ -76,6 +76,13 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return square
 
 
+def checkpoint_image_processor(folder: str | os.PathLike, default=None):
+    """A checkpoint's own image processor (its `preprocessor_config.json`) where it has one, else `default`."""
+    if (Path(folder) / IMAGE_PROCESSOR_NAME).exists():
+        return AutoImageProcessor.from_pretrained(folder)
+    return default
+
+
 class SaisaProcessor(ProcessorMixin):
     def __init__(
         self,
@@ -94,6 +101,12 @@ class SaisaProcessor(ProcessorMixin):
             the tokenizer's chat template, as checkpoints trained with one expect.
         pad_to_square: LLaVA-1.5's `image_aspect_ratio="pad"`: centre each image on a square of the mean colour before
             the image processor resizes it."""
+        if not isinstance(image_processor, ImagePreprocessing) and not type(image_processor).__name__.endswith(
+            ("Pil", "SaisaImageProcessor")
+        ):
+            # AutoImageProcessor picks the torchvision backend wherever torchvision imports; the PIL one is what
+            # LLaVA-1.5 trained with, bit for bit, so a GPU machine preprocesses exactly as a CPU one.
+            image_processor = ImagePreprocessing.of(image_processor)
         if isinstance(image_processor, ImagePreprocessing):
             image_processor = image_processor.image_processor()
         if image_token not in tokenizer.get_vocab():
@@ -274,13 +287,12 @@ class SaisaProcessor(ProcessorMixin):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         legacy = folder / PROCESSOR_FILE
         settings = json.loads(legacy.read_text()) if legacy.exists() else {}
-        if (folder / IMAGE_PROCESSOR_NAME).exists():
-            image_processor = AutoImageProcessor.from_pretrained(folder, **kwargs)
-        elif settings:
-            image_processor = ImagePreprocessing(
-                settings["image_size"], tuple(settings["image_mean"]), tuple(settings["image_std"])
-            )
-        else:
+        image_processor = checkpoint_image_processor(
+            folder,
+            settings
+            and ImagePreprocessing(settings["image_size"], tuple(settings["image_mean"]), tuple(settings["image_std"])),
+        )
+        if not image_processor:
             raise FileNotFoundError(
                 f"{folder} holds no {PROCESSOR_NAME}, {IMAGE_PROCESSOR_NAME} or {PROCESSOR_FILE}: "
                 "not a folder written by SaisaProcessor.save_pretrained"

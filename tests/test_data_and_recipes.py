@@ -280,6 +280,20 @@ def test_skipped_and_truncated_samples_count_once_however_many_epochs(tmp_path):
     assert lenient.stats.truncated_records == {3} and lenient.stats.truncated == 1
 
 
+def test_counts_made_in_data_loader_workers_reach_the_main_process(tmp_path):
+    """The shipped recipes load data in worker processes (copies of the dataset): what they skip and truncate must
+    still be counted, once, where the report is written."""
+    from torch.utils.data import DataLoader
+
+    _write_data(tmp_path, [_record(0), _record(1), _record(2), _record(3, "cat and a cat and a cat")])
+    (tmp_path / "img1.png").unlink()
+    lenient = _dataset(tmp_path, skip_bad_images=True, max_length=28)
+    for _epoch in range(2):
+        for _ in DataLoader(lenient, batch_size=1, num_workers=2, collate_fn=lambda samples: samples):
+            pass
+    assert list(lenient.stats.skipped_images) == [1] and lenient.stats.truncated_records == {3}
+
+
 def test_run_training_reports_each_skipped_sample_once(tmp_path, capsys):
     recipe = _write_run(tmp_path, [_record(0), _record(1), "broken", _record(3), _record(4)])
     (tmp_path / "img1.png").unlink()

@@ -223,3 +223,17 @@ def test_each_encoder_names_its_own_image_processor(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 112, "width": 112}}))
     image_processor = AutoImageProcessor.from_pretrained(tmp_path)
     assert isinstance(image_processor, SaisaImageProcessor) and image_processor.size.height == 112
+
+
+def test_a_torchvision_image_processor_is_replaced_by_its_pil_twin():
+    """Where torchvision imports, AutoImageProcessor returns torchvision-backed classes (named without `Pil`); the
+    processor keeps LLaVA-1.5's PIL preprocessing so a GPU machine gives the pixels a CPU one gives."""
+    from transformers import CLIPImageProcessorPil
+
+    settings = dict(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=[0.4] * 3)
+    torchvision_like = type("CLIPImageProcessor", (CLIPImageProcessorPil,), {})(**settings)
+    processor = SaisaProcessor(tiny_processor().tokenizer, torchvision_like)
+    assert type(processor.image_processor) is CLIPImageProcessorPil
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 12, 3), dtype=np.uint8))
+    reference = SaisaProcessor(tiny_processor().tokenizer, CLIPImageProcessorPil(**settings))
+    assert torch.equal(processor.preprocess_images([image]), reference.preprocess_images([image]))

@@ -3,6 +3,7 @@ and on a run that already finished."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import signal
@@ -184,3 +185,19 @@ def test_a_finished_max_steps_run_resumed_trains_no_further(tmp_path, run):
     report = json.loads((out / "training_report.json").read_text())
     assert max(step for step, _ in report["losses"]) == 3
     assert _marked(out) == ["checkpoint-3"]
+
+
+def test_deepspeed_states_in_subfolders_are_checked_too(tmp_path):
+    """ZeRO checkpoints keep model and optimizer shards in global_stepN/: a truncated shard is found there, pickled
+    top-level files such as training_args.bin are not mistaken for broken ones."""
+    from saisa.training.trainer import unreadable_file
+
+    checkpoint = tmp_path / "checkpoint-4"
+    (checkpoint / "global_step4").mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    torch.save({"args": argparse.Namespace(lr=1.0)}, checkpoint / "training_args.bin")
+    shard = checkpoint / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"state": torch.ones(1000), "config": argparse.Namespace(stage=3)}, shard)
+    assert unreadable_file(checkpoint) is None
+    shard.write_bytes(shard.read_bytes()[:500])
+    assert unreadable_file(checkpoint).startswith(f"{shard}: ")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from saisa.compat import output_cache
+from saisa.compat import CACHE_KWARG, output_cache
 
 MODELS = ("saisa", "llava", "hf-llava")
 
@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-tokens", "-t", type=int, default=64)
     parser.add_argument("--visual-tokens", "-v", type=int, default=576, help="must be a square number")
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats; medians are reported")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -127,7 +127,7 @@ def decode(model, ids, pixels, steps: int):
         nonlocal token, cache, mask
         for _ in range(steps):
             mask = torch.cat([mask, mask[:, :1]], 1)
-            step = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+            step = model(input_ids=token, attention_mask=mask, use_cache=True, **{CACHE_KWARG: cache})
             token = step.logits[:, -1].argmax(-1, keepdim=True)
 
     return run

@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from saisa.loading import add_device_arguments
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--architecture", choices=["saisa", "llava", "naavit"], default="saisa")
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-per-class", type=int, default=50, help="held-out questions per class")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank in instruct (0: projectors only)")
     parser.add_argument("--seed", type=int, default=0)
+    add_device_arguments(parser)  # for the evaluation; training runs where the Trainer finds an accelerator
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         test_per_class=args.test_per_class,
         lora_r=args.lora_r,
         seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
     )
     t = report["timings"]
     print(
@@ -57,6 +62,8 @@ def run_pipeline(
     test_per_class: int = 50,
     lora_r: int = 16,
     seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> dict:
     """Prepare data, train align then instruct, evaluate with and without the image; returns the report."""
     from saisa.data.fashion_mnist import prepare
@@ -104,7 +111,7 @@ def run_pipeline(
     )
     timings["instruct_s"] = time.perf_counter() - stage_start
 
-    model, processor = load_pretrained(instruct)
+    model, processor = load_pretrained(instruct, device=device, dtype=dtype)
     stage_start = time.perf_counter()
     eval_dir = work / f"{arch}-eval"
     seen = evaluate(model, processor, data["test"], work / "data", out_dir=eval_dir, batch_size=32, max_new_tokens=8)

@@ -13,20 +13,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from peft import PeftModel
 
-    from saisa import SaisaForConditionalGeneration
-    from saisa.processing import SaisaProcessor
+    from saisa.loading import load_pretrained
     from saisa.training.stages import expand_shared_projector
 
-    base = SaisaForConditionalGeneration.from_pretrained(args.base)
+    base, processor = load_pretrained(args.base, device="cpu", dtype=torch.float32)
     # After align with a shared projector, instruct trains per-layer copies (run_training expands it before LoRA):
     # bring the base into the layout the adapter was trained in.
     if any(".layer_projectors." in name for name in _adapter_weight_names(Path(args.adapter))):
         expand_shared_projector(base)
     merged = PeftModel.from_pretrained(base, args.adapter).merge_and_unload()
     merged.save_pretrained(args.out)
-    SaisaProcessor.from_pretrained(args.base).save_pretrained(args.out)
+    processor.save_pretrained(args.out)
     print(f"merged {args.adapter} into {args.base} -> {args.out}")
     return 0
 

@@ -13,6 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
+from saisa.loading import add_device_arguments
+
 ARCHS = ("saisa", "llava", "naavit")
 
 
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-per-class", type=int, default=50)
     parser.add_argument("--ttft-prompts", type=int, default=20)
     parser.add_argument("--skip-training", action="store_true", help="reuse the models already in --workdir")
+    add_device_arguments(parser)  # for evaluation and timing; training runs where the Trainer finds an accelerator
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
                 align_per_class=args.align_per_class,
                 instruct_per_class=args.instruct_per_class,
                 test_per_class=args.test_per_class,
+                device=args.device,
+                dtype=args.dtype,
             )
-    measured = measure_inference(reports, args.ttft_prompts)
+    measured = measure_inference(reports, args.ttft_prompts, device=args.device, dtype=args.dtype)
     for arch in ARCHS:
         reports[arch].update(measured[arch])
     docs = Path(args.docs)
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def measure_inference(reports: dict, prompts: int) -> dict:
+def measure_inference(reports: dict, prompts: int, *, device: str | None = None, dtype: str | None = None) -> dict:
     """Per architecture: analytic and counted prefill FLOPs at the real test prompt, and median TTFT (interleaved)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -69,7 +74,7 @@ def measure_inference(reports: dict, prompts: int) -> dict:
     loaded = {}
     for arch in ARCHS:
         folder = reports[arch]["model"]
-        loaded[arch] = load_pretrained(folder)
+        loaded[arch] = load_pretrained(folder, device=device, dtype=dtype)
     test = reports["saisa"]["data"]["test"]
     rows = load_questions(test)[:prompts]
     folder = Path(test).parent

@@ -19,13 +19,28 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
+TRUNCATED, BAD_IMAGE = 1, 2  # DataStats flags
+
+
 @dataclass
 class DataStats:
-    """Kept per record index of the file, so a sample met again in a later epoch counts once."""
+    """Kept per record index of the file, so a sample met again in a later epoch counts once. The per-sample flags
+    sit in shared memory: data-loader workers (copies of the dataset) set them, the main process counts them."""
 
-    truncated_records: set[int] = field(default_factory=set)
-    skipped_images: dict[int, str] = field(default_factory=dict)  # record index -> the image error
-    skipped_records: dict[int, str] = field(default_factory=dict)  # record index -> what is wrong with the record
+    flags: torch.Tensor  # (records in the file,) uint8 TRUNCATED | BAD_IMAGE
+    skipped_records: dict[int, str] = field(default_factory=dict)  # record index -> what is wrong (found at load)
+
+    @classmethod
+    def for_records(cls, count: int) -> DataStats:
+        return cls(torch.zeros(count, dtype=torch.uint8).share_memory_())
+
+    @property
+    def truncated_records(self) -> set[int]:
+        return set((self.flags & TRUNCATED).nonzero().flatten().tolist())
+
+    @property
+    def skipped_images(self) -> list[int]:
+        return (self.flags & BAD_IMAGE).nonzero().flatten().tolist()
 
     @property
     def truncated(self) -> int:
@@ -59,7 +74,7 @@ class LlavaJsonDataset(Dataset):
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
         self.skip_bad_images = skip_bad_images
-        self.stats = DataStats()
+        self.stats = DataStats.for_records(len(records))
         self.records, self.record_indices = [], []  # usable records, and their indices in the file
         for index, record in enumerate(records):
             problem = _record_problem(record)
@@ -113,9 +128,9 @@ class LlavaJsonDataset(Dataset):
                 where = self._where(record_index, record)
                 if not self.skip_bad_images:
                     raise type(error)(f"{where}: {error}") from None
-                if record_index not in self.stats.skipped_images:  # later epochs meet it again: count and warn once
-                    self.stats.skipped_images[record_index] = str(error)
-                    logger.warning("skipping %s: %s (%d skipped so far)", where, error, self.stats.skipped)
+                if not self.stats.flags[record_index] & BAD_IMAGE:  # later epochs meet it again: count and warn once
+                    self.stats.flags[record_index] |= BAD_IMAGE
+                    logger.warning("skipping %s: %s", where, error)
                 continue
             return self._sample(record, record_index, images)
         raise ValueError(f"{self.path}: every usable record has a missing or unreadable image")
@@ -125,7 +140,7 @@ class LlavaJsonDataset(Dataset):
         ids, labels = tokenize_with_labels(rendered, self.processor.tokenizer, ignore_index=IGNORE_INDEX)
         kept_ids, kept_labels, kept_images = self._truncate(ids, labels, len(images))
         if len(kept_ids) < len(ids):
-            self.stats.truncated_records.add(record_index)
+            self.stats.flags[record_index] |= TRUNCATED
         sample = {"input_ids": torch.tensor(kept_ids), "labels": torch.tensor(kept_labels)}
         if kept_images:
             sample["pixel_values"] = self.processor.preprocess_images(images[:kept_images])

@@ -23,6 +23,16 @@ class SaisaCache(DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layout.num_input_tokens if self.layout is not None else 0
 
+    def entries(self) -> list[int]:
+        """How many keys each layer holds (visual ones included)."""
+        return [layer.keys.shape[-2] if layer.is_initialized else 0 for layer in self.layers]
+
+    def truncate(self, entries: list[int]) -> None:
+        """Back to `entries()` as it was: undoes what a failed forward wrote."""
+        for layer, kept in zip(self.layers, entries + [0] * (len(self.layers) - len(entries)), strict=True):
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[..., :kept, :], layer.values[..., :kept, :]
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         if self.layout is not None:
@@ -46,6 +56,6 @@ class SaisaCache(DynamicCache):
                 "SaisaCache.crop takes a negative count of tokens to remove (its length also counts "
                 "visual keys, so an absolute length would be ambiguous)"
             )
-        if self.layout is not None:
-            self.layout = self.layout.drop_last_tokens(-tokens_to_remove)
+        layout = self.layout.drop_last_tokens(-tokens_to_remove) if self.layout is not None else None  # checks first
         super().crop(tokens_to_remove)
+        self.layout = layout

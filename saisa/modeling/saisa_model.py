@@ -33,6 +33,28 @@ from saisa.vision import build_vision_encoder
 IGNORE_INDEX = -100
 
 
+def loss_labels(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    image_token_id: int,
+    architecture: str,
+) -> torch.Tensor:
+    """labels (B, T) with IGNORE_INDEX wherever no query predicts the token: column 0, padding, image placeholders and,
+    in SAISA, the token right after an image (a visual token issues no query).
+
+    The training collator applies this too, so the label count transformers' Trainer takes for `num_items_in_batch`
+    is exactly the count the loss averages over. A plain function, so data-loader workers need not hold the model.
+    """
+    is_image = input_ids == image_token_id
+    ignore = is_image | ~attention_mask.bool()
+    ignore[:, 0] = True
+    if architecture == "saisa":
+        ignore[:, 1:] |= is_image[:, :-1]
+    return labels.masked_fill(ignore, IGNORE_INDEX)
+
+
 class SaisaPreTrainedModel(PreTrainedModel):
     config_class = SaisaConfig
     config: SaisaConfig
@@ -177,7 +199,11 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         transformers' Trainer passes it; the loss is then the step's token mean however the step is split."""
         cache = self._saisa_cache(cache if cache is not None else past_key_values)
         if use_cache is None:
-            use_cache = cache is not None or (not self.training and self.config.text_config.use_cache)
+            # a loss evaluation keeps no cache: nothing reuses it, and each layer then makes its own visual K/V inside
+            # its forward (where FSDP/ZeRO-3 have gathered it), as in training
+            use_cache = cache is not None or (
+                not self.training and labels is None and self.config.text_config.use_cache
+            )
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
@@ -204,16 +230,21 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         text_ids = input_ids.masked_fill(seq.is_image, 0)  # the placeholder id need not be in the vocabulary
         text_embeds = self.get_input_embeddings()(text_ids)  # (B, T, h)
         images = pixel_values if seq.num_images else self._phantom_image()
-        if images is None and prior.positions.shape[1] == 0:
-            # Text only, nothing cached: exactly the bare LLM.
-            hidden = self._decoder(text_embeds, attention_mask, seq.text_positions, cache, use_cache)
-        elif self.config.architecture == "saisa":
-            prefix = VisualPrefix(self, images, seq) if images is not None else None
-            hidden = self._forward_saisa(seq, keys, prior, prefix, text_embeds, cache, use_cache)
-        else:
-            features = self.encode_images(images) if images is not None else None
-            hidden = self._forward_embedding_space(seq, keys, prior, features, text_embeds, cache, use_cache)
-
+        entries_before = cache.entries() if cache is not None else None
+        try:
+            if images is None and prior.positions.shape[1] == 0:
+                # Text only, nothing cached: exactly the bare LLM.
+                hidden = self._decoder(text_embeds, attention_mask, seq.text_positions, cache, use_cache)
+            elif self.config.architecture == "saisa":
+                prefix = VisualPrefix(self, images, seq) if images is not None else None
+                hidden = self._forward_saisa(seq, keys, prior, prefix, text_embeds, cache, use_cache)
+            else:
+                features = self.encode_images(images) if images is not None else None
+                hidden = self._forward_embedding_space(seq, keys, prior, features, text_embeds, cache, use_cache)
+        except BaseException:
+            if cache is not None:  # a failed call leaves the cache as it found it, in step with its layout
+                cache.truncate(entries_before)
+            raise
         if cache is not None:
             cache.layout = layout_after
         if logits_to_keep:
@@ -297,18 +328,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         return out.last_hidden_state
 
     def loss_labels(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """labels (B, T) with IGNORE_INDEX wherever no query predicts the token: column 0, padding, image placeholders
-        and, in SAISA, the token right after an image (a visual token issues no query).
-
-        The training collator applies this too, so the label count transformers' Trainer takes for
-        `num_items_in_batch` is exactly the count the loss averages over.
-        """
-        is_image = input_ids == self.config.image_token_id
-        ignore = is_image | ~attention_mask.bool()
-        ignore[:, 0] = True
-        if self.config.architecture == "saisa":
-            ignore[:, 1:] |= is_image[:, :-1]
-        return labels.masked_fill(ignore, IGNORE_INDEX)
+        """`saisa.modeling.saisa_model.loss_labels` for this model."""
+        return loss_labels(
+            input_ids,
+            attention_mask,
+            labels,
+            image_token_id=self.config.image_token_id,
+            architecture=self.config.architecture,
+        )
 
     def _loss(
         self,

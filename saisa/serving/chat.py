@@ -24,8 +24,8 @@ class ChatSession:
     def ask(self, text: str, images: list | None = None, *, streamer=None, do_sample: bool = False) -> str:
         images = images or []
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-        self.messages.append({"role": "user", "content": content})
-        prompt = self.processor.apply_chat_template(self.messages, add_generation_prompt=True)
+        turn = {"role": "user", "content": content}  # kept only if the turn succeeds
+        prompt = self.processor.apply_chat_template([*self.messages, turn], add_generation_prompt=True)
         full = self.processor(prompt, images=self.images + images)
         ids = full["input_ids"]
         reuse = (
@@ -54,5 +54,5 @@ class ChatSession:
         self.ids, self.cache = out.sequences, output_cache(out)
         self.images += images
         answer = self.processor.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        self.messages.append({"role": "assistant", "content": answer})
+        self.messages += [turn, {"role": "assistant", "content": answer}]
         return answer

@@ -8,6 +8,7 @@ import difflib
 import json
 import logging
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -158,7 +159,7 @@ def _require(recipe: dict, dotted: str):
 def build_model_and_processor(model_spec: dict, architecture: str):
     """`init`: "embedded" | a saved model folder; or `llm` + `vision`: local transformers checkpoints."""
     from saisa import SaisaForConditionalGeneration
-    from saisa.processing import SaisaProcessor
+    from saisa.processing import SaisaProcessor, checkpoint_image_processor
 
     extra = {k: model_spec[k] for k in ("shared_projector",) if k in model_spec}
     init = model_spec.get("init")
@@ -176,7 +177,6 @@ def build_model_and_processor(model_spec: dict, architecture: str):
     if "llm" in model_spec and "vision" in model_spec:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from saisa.interop import checkpoint_image_processor
         from saisa.vision.clip import load_vision_model
 
         llm = AutoModelForCausalLM.from_pretrained(model_spec["llm"], dtype=torch.float32)
@@ -184,7 +184,7 @@ def build_model_and_processor(model_spec: dict, architecture: str):
         model = SaisaForConditionalGeneration.from_modules(llm, vision, architecture=architecture, **extra)
         processor = SaisaProcessor(
             AutoTokenizer.from_pretrained(model_spec["llm"]),
-            checkpoint_image_processor(model_spec["vision"], model),
+            checkpoint_image_processor(model_spec["vision"], model.vision_tower.preprocessing),
             template=model_spec.get("template"),
         )
         model.config.image_token_id = processor.image_token_id
@@ -198,6 +198,7 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
 
     from saisa.compat import training_arguments
     from saisa.data import Collator, LlavaJsonDataset
+    from saisa.modeling.saisa_model import loss_labels
     from saisa.training import engines
     from saisa.training.trainer import LossCurveCallback, SaisaTrainer, ThroughputCallback, last_complete_checkpoint
 
@@ -250,7 +251,10 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
         model=trainable,
         args=args,
         train_dataset=dataset,
-        data_collator=Collator(processor.tokenizer.pad_token_id, model.loss_labels),
+        data_collator=Collator(
+            processor.tokenizer.pad_token_id,
+            partial(loss_labels, image_token_id=model.config.image_token_id, architecture=model.config.architecture),
+        ),
         lengths=dataset.lengths,
         callbacks=[ThroughputCallback(), LossCurveCallback(), *(callbacks or [])],
     )
@@ -263,6 +267,10 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
     if resume:
         print(f"resuming from {checkpoint}" if checkpoint else f"no usable checkpoint in {output_dir}: starting afresh")
     trainer.train(resume_from_checkpoint=checkpoint)
+    if (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):  # every rank's skipped/truncated samples
+        torch.distributed.all_reduce(dataset.stats.flags, op=torch.distributed.ReduceOp.MAX)
 
     engines.save_final(trainer, output_dir, lora=lora.r > 0)
     if trainer.args.should_save:

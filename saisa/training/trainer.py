@@ -118,12 +118,13 @@ def checkpoint_folders(output_dir: Path) -> list[Path]:
 
 
 def unreadable_file(checkpoint: Path) -> str | None:
-    """What resuming reads, opened cheaply but for real: safetensors headers (which must cover the whole file, so
-    truncation shows), every JSON file, and the optimizer/scheduler/scaler/RNG states memory-mapped as transformers
-    loads them. Returns "file: error" for the first that fails."""
+    """What resuming reads, opened cheaply but for real, in the checkpoint and its subfolders (DeepSpeed's
+    global_stepN/): safetensors headers (which must cover the whole file, so truncation shows), every JSON file, and
+    the optimizer/scheduler/scaler/RNG states memory-mapped as they are loaded. Returns "file: error" for the first
+    that fails. (FSDP's distributed-checkpoint shards are not read here.)"""
     if not (checkpoint / "trainer_state.json").is_file():
         return f"{checkpoint / 'trainer_state.json'}: missing"
-    for path in sorted(checkpoint.iterdir()):
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
         try:
             if path.suffix == ".safetensors":
                 with safe_open(path, "pt"):
@@ -134,9 +135,11 @@ def unreadable_file(checkpoint: Path) -> str | None:
                     for shard in sorted(set(content.get("weight_map", {}).values())):
                         if not (checkpoint / shard).is_file():
                             return f"{checkpoint / shard}: missing"
-            elif path.suffix in (".pt", ".pth"):
+            elif path.suffix in (".pt", ".pth") and path.parent == checkpoint:
                 with safe_globals():
                     torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            elif path.suffix == ".pt":  # DeepSpeed's own states (global_stepN/), which it unpickles in full
+                torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         except Exception as error:  # whatever the reader raises, the file cannot be resumed from
             return f"{path}: {error}"
     return None
