@@ -180,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():  # warm-up
         for model, ids, pixels in models.values():
             prefill(model, ids, pixels)
-    with Progress() as progress:
+    # No refresh thread: on a 2-core machine it would take CPU from whichever model is being timed.
+    with Progress(auto_refresh=False) as progress:
         task = progress.add_task("interleaved repeats", total=args.repeats * len(MODELS))
         for _ in range(args.repeats):
             for name, (model, ids, pixels) in models.items():
@@ -192,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
                     timings[name]["train_step_s"].append(_time(train_step(model, ids, pixels), args.device))
                     model.eval()
                 progress.advance(task)
+                progress.refresh()
 
     results = {}
     for name in MODELS:
