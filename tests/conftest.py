@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -131,6 +136,15 @@ def hf_llava_with_weights_of(model, *, image_token_index: int):
 
 def images(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def torchrun(*args: str, cwd=None, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ARGS` on CPU ranks (gloo), one thread each, this folder importable."""
+    tests = str(Path(__file__).parent)
+    env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env}
+    env["PYTHONPATH"] = os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=timeout, env={**os.environ, **env})
 
 
 @pytest.fixture(autouse=True)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import gc
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 from safetensors.torch import load_file
 
 STEPS = 3
@@ -87,30 +87,7 @@ def _launch(arch: str, tmp_path_factory) -> dict[str, Path]:
         plan = _plan(tmp_path, arch)
         (tmp_path / "plan.json").write_text(json.dumps(plan))
         # CPU ranks even on a GPU machine; DeepSpeed's CPU accelerator then uses torchrun's gloo process group.
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "CUDA_VISIBLE_DEVICES": "",
-            "DS_ACCELERATOR": "cpu",
-            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-        }
-        launch = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                "2",
-                __file__,
-                str(tmp_path / "plan.json"),
-            ],
-            check=False,
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
+        launch = torchrun(__file__, str(tmp_path / "plan.json"), timeout=600, DS_ACCELERATOR="cpu")
         failure = None if launch.returncode == 0 else launch.stdout[-4000:] + launch.stderr[-4000:]
         _LAUNCHES[arch] = failure, {run["name"]: Path(run["recipe"]["output_dir"]) for run in plan}
     failure, outputs = _LAUNCHES[arch]

@@ -4,12 +4,10 @@ where FSDP has gathered its parameters. The checks run in tests/fsdp2_worker.py 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import torchrun
 
 
 # The second case also gives the second rank no image at all: its visual weights must still take part in the same
@@ -19,14 +17,6 @@ import pytest
 )
 def test_fully_shard_per_decoder_layer_matches_unsharded_training(flags):
     here = Path(__file__).parent
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    run = subprocess.run(
-        [*command, str(here / "fsdp2_worker.py"), *flags],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=here,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    run = torchrun(str(here / "fsdp2_worker.py"), *flags, cwd=here)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     assert run.stdout.count("match unsharded") == 2, run.stdout

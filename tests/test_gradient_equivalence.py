@@ -8,13 +8,11 @@ The samples differ in length and label count, so only a loss normalised by the l
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
+from conftest import torchrun
 from safetensors.torch import load_file
 from test_training import _write_run
 
@@ -51,25 +49,7 @@ def test_batch_accumulation_and_ranks_give_the_same_step(tmp_path, arch):
 
     recipe = _recipe(tmp_path, arch, "ranks", batch=4, accumulation=1)
     (tmp_path / "ranks.yaml").write_text(yaml.safe_dump(recipe))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "saisa.cli",
-            "train",
-            str(tmp_path / "ranks.yaml"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    run = torchrun("-m", "saisa.cli", "train", str(tmp_path / "ranks.yaml"))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     ranks = tmp_path / "ranks"
 
