@@ -1,10 +1,13 @@
-"""The one generation path: messages -> prompt -> `generate` -> text. `saisa ask`, `saisa eval`, `saisa chat`,
-`saisa serve` and the lmms-eval plugin all build their `generate` arguments here, so they stop on the same tokens."""
+"""The one generation path: messages -> prompt -> `generate` -> text. `saisa ask`, `saisa eval`, `saisa chat` and the
+lmms-eval plugin build their `generate` arguments here, so they stop on the same tokens; `saisa serve` advances its
+requests a token at a time with `StepDecoder` and `TokenChooser`, the same forward calls with each row's own choice."""
 
 from __future__ import annotations
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
+
+from saisa.compat import CACHE_KWARG, output_cache
 
 
 def user_prompt(processor, text: str, n_images: int) -> str:
@@ -104,3 +107,72 @@ def answer_batch(
     )
     answers = processor.batch_decode(out[:, prompt_length:], skip_special_tokens=True)
     return [cut_at_stop(answer, stop) for answer in answers]
+
+
+class TokenChooser:
+    """Picks one row's next token from its logits: greedy when temperature is 0, else sampled after temperature and
+    top-p with the row's own generator, so a seeded request draws the same tokens whatever it is batched with."""
+
+    def __init__(self, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
+        self.temperature, self.top_p = temperature, top_p
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits (V,) -> a token id."""
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float().cpu() / self.temperature, -1)
+        if self.top_p < 1.0:  # the smallest set of most likely tokens holding top_p of the mass (at least one)
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """log p(token) under the model's distribution (before temperature and top-p), and the `top` likeliest tokens."""
+    logprobs = torch.log_softmax(logits.float(), -1)
+    values, ids = logprobs.topk(top) if top else (logprobs[:0], logprobs[:0].long())
+    return float(logprobs[token]), list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+class StepDecoder:
+    """A batch decoded one token per `step`, whose rows may leave between steps (`keep`).
+
+    `model.generate` runs a batch to its end; a server instead advances several such batches in turn, a step each,
+    and drops the rows that are done, so a short request never waits for a long one. Prefill and steps are the same
+    forward calls `generate` makes (left-padded prompts, then one token per row with the cache), so greedy answers
+    are `generate`'s."""
+
+    @torch.no_grad()
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values=None):
+        """input_ids, attention_mask (B, T), left-padded; pixel_values (N, 3, S, S), every row's images in order."""
+        self.model = model
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.cache, self.logits = output_cache(out), out.logits[:, -1]  # logits (B, V): each row's next token
+
+    @torch.no_grad()
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed each row its chosen token; returns the next logits (B, V)."""
+        ids = torch.tensor(tokens, device=self.logits.device)[:, None]  # (B, 1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            use_cache=True,
+            logits_to_keep=1,
+            **{CACHE_KWARG: self.cache},
+        )
+        self.logits = out.logits[:, -1]
+        return self.logits
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (indices into the current batch), in this order."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.logits.device)
+        self.cache.batch_select_indices(index)
+        self.logits = self.logits[index]

@@ -7,9 +7,9 @@ square (mean colour) before it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,20 +26,49 @@ PROCESSOR_FILE = "saisa_processor.json"  # still written beside processor_config
 _TOKENIZER_KWARGS = ("padding", "truncation", "max_length", "padding_side", "add_special_tokens")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, with an error that names the file."""
+class ImageRefused(ValueError):
+    """An image refused by a size limit before decoding."""
+
+
+def open_image(
+    source, *, name: str | None = None, max_pixels: int | None = None, max_aspect_ratio: float | None = None
+) -> Image.Image:
+    """Decode an image (a path, bytes or a binary file) as RGB, refusing from its header, before any pixel is
+    decoded, one with more than `max_pixels` pixels (default: `PIL.Image.MAX_IMAGE_PIXELS`, PIL's decompression-bomb
+    limit) or a side more than `max_aspect_ratio` times the other. Errors are `ValueError`s naming the image (`name`,
+    else the path); a missing file is a `FileNotFoundError`."""
+    name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with warnings.catch_warnings():
-            # PIL only warns up to twice MAX_IMAGE_PIXELS: a possible decompression bomb is refused either way
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                return image.convert("RGB")
+        with Image.open(source) as image:
+            width, height = image.size  # read from the header: nothing is decoded yet
+            if limit and width * height > limit:
+                raise ImageRefused(
+                    f"refusing image {name}: {width}x{height} = {width * height} pixels exceed the limit of {limit} "
+                    "(a possible decompression bomb; raise PIL.Image.MAX_IMAGE_PIXELS if genuine)"
+                )
+            if max_aspect_ratio and max(width, height) > max_aspect_ratio * max(1, min(width, height)):
+                raise ImageRefused(
+                    f"refusing image {name}: {width}x{height} is more than {max_aspect_ratio:g} times as long as wide"
+                )
+            return image.convert("RGB")
     except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {path}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ValueError(f"refusing image {path}: {error} (raise PIL.Image.MAX_IMAGE_PIXELS if genuine)") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot decode image {path}: {error}") from None
+        raise FileNotFoundError(f"image not found: {name}") from None
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"refusing image {name}: {error}") from None
+    except ImageRefused:
+        raise
+    except UnidentifiedImageError:
+        raise ValueError(f"cannot decode image {name}: not an image format PIL reads") from None
+    except (OSError, SyntaxError, EOFError, ValueError) as error:  # PIL's decoders raise these on broken files
+        raise ValueError(f"cannot decode image {name}: {error}") from None
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as RGB, with an error that names the file (`open_image`'s limits apply)."""
+    return open_image(path)
 
 
 def _flatten_images(images) -> list[Image.Image]:
@@ -64,12 +93,24 @@ def _content_image(item: dict, index: int) -> Image.Image:
     if isinstance(source, str) and source.startswith(("http://", "https://")):
         from transformers.image_utils import load_image as load_url
 
-        return load_url(source).convert("RGB")
+        try:
+            return load_url(source).convert("RGB")
+        except Image.DecompressionBombError as error:
+            raise ValueError(f"refusing image {source}: {error}") from None
     return source if isinstance(source, Image.Image) else load_image(source)
 
 
+MAX_PAD_SIDE = 4096  # a padded square holds at most 4096² pixels (48 MiB) whatever the image's shape
+
+
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """LLaVA-1.5's `expand2square`: the image centred on a square of colour `fill`."""
+    """LLaVA-1.5's `expand2square`: the image centred on a square of colour `fill`. An image longer than
+    `MAX_PAD_SIDE` is first shrunk to it (a 1x40000 strip would otherwise ask for a 40000² square, 4.8 GB); any
+    smaller image is padded exactly as LLaVA-1.5 does."""
+    if max(image.size) > MAX_PAD_SIDE:
+        scale = MAX_PAD_SIDE / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     side = max(image.size)
     square = Image.new("RGB", (side, side), fill)
     square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))

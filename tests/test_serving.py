@@ -137,7 +137,7 @@ def test_concurrent_load_has_no_failures_and_matches_single_requests(served):
     [
         ("bad_json", 400, "not valid JSON"),
         ("unknown_model", 404, "not found"),
-        ("bad_image", 400, "cannot be decoded"),
+        ("bad_image", 400, "cannot decode image"),
         ("too_many_tokens", 400, "exceeds this server's limit"),
         ("path_not_allowed", 403, "outside the allowed folder"),
         ("no_key", 401, "API key"),

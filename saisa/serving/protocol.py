@@ -5,24 +5,37 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from saisa.processing import ImageRefused, open_image
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
-        kind = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}.get(
-            self.status, "invalid_request_error"
-        )
+        kind = {
+            401: "authentication_error",
+            403: "permission_error",
+            404: "not_found_error",
+            503: "overloaded_error",
+            504: "timeout_error",
+        }.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
@@ -31,7 +44,15 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(BaseModel):
+    # An unknown field is a 400 that names it (OpenAI does the same), never silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -39,20 +60,78 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1)
+    stop: str | list[str] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    user: str | None = None  # an end-user id for the caller's own records; it changes no answer
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+# OpenAI parameters this server does not implement, with the value that means "not used": anything else is a 400
+# naming the parameter rather than a 200 that quietly ignores it.
+UNSUPPORTED = {
+    "tools": None,
+    "tool_choice": None,
+    "functions": None,
+    "function_call": None,
+    "parallel_tool_calls": None,
+    "response_format": None,
+    "logit_bias": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "audio": None,
+    "modalities": None,
+    "prediction": None,
+    "web_search_options": None,
+    "reasoning_effort": None,
+}
+
+
+def check_request(payload: Any) -> ChatCompletionRequest:
+    """A parsed JSON body -> a validated request, or a 400 naming the field at fault."""
+    if not isinstance(payload, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    for name, unused in UNSUPPORTED.items():
+        if payload.get(name, unused) not in (unused, None):
+            raise RequestError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+    try:
+        chat = ChatCompletionRequest.model_validate(payload)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise RequestError(400, f"invalid request: {where}: {first['msg']}", param=where or None) from None
+    if len(chat.stop_strings()) > 4 or not all(chat.stop_strings()):
+        raise RequestError(400, "stop takes at most 4 non-empty strings", param="stop")
+    if chat.top_logprobs is not None and not chat.logprobs:
+        raise RequestError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    if chat.stream_options is not None and not chat.stream:
+        raise RequestError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    return chat
 
 
 @dataclass(frozen=True)
 class ServerLimits:
+    """What one request may ask; each is checked before the work it bounds (docs/serving.md lists them)."""
+
+    max_body_bytes: int = 32 * 2**20
     max_image_bytes: int = 10 * 2**20
     max_images: int = 8
+    max_image_pixels: int = 4096 * 4096  # from the image header, before decoding
+    max_aspect_ratio: float = 20.0  # longest side over shortest side
     max_prompt_positions: int | None = None  # default: the LLM's maximum
     max_tokens: int = 512
+    max_queue: int = 64  # requests waiting for the engine; more get 503 + Retry-After
+    request_timeout_s: float = 300.0
     allowed_image_dir: Path | None = None  # local files readable only under here, and only when set
 
 
 def decode_image(url: str, limits: ServerLimits, where: str) -> Image.Image:
+    """An image_url's image; its size is checked from the header before any pixel is decoded."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header:
@@ -62,18 +141,19 @@ def decode_image(url: str, limits: ServerLimits, where: str) -> Image.Image:
                 400, f"{where}: image larger than {limits.max_image_bytes} bytes", param=where, code="image_too_large"
             )
         try:
-            raw = base64.b64decode(payload, validate=True)
+            source = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(400, f"{where}: the data URL is not valid base64", param=where) from None
-        source = io.BytesIO(raw)
     elif url.startswith(("http://", "https://")):
         raise RequestError(400, f"{where}: remote image URLs are not fetched; send a base64 data URL", param=where)
     else:
-        path = Path(url.removeprefix("file://"))
         if limits.allowed_image_dir is None:
             raise RequestError(
                 403, f"{where}: reading local files is disabled on this server", param=where, code="path_not_allowed"
             )
+        if "\x00" in url:
+            raise RequestError(400, f"{where}: the path holds a NUL byte", param=where)
+        path = Path(url.removeprefix("file://"))
         resolved, root = path.resolve(), limits.allowed_image_dir.resolve()
         if not resolved.is_relative_to(root):
             raise RequestError(
@@ -87,33 +167,49 @@ def decode_image(url: str, limits: ServerLimits, where: str) -> Image.Image:
             )
         source = resolved
     try:
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError):
-        raise RequestError(400, f"{where}: the image cannot be decoded", param=where, code="invalid_image") from None
+        return open_image(
+            source, name=where, max_pixels=limits.max_image_pixels, max_aspect_ratio=limits.max_aspect_ratio
+        )
+    except ValueError as error:
+        code = "image_too_large" if isinstance(error, ImageRefused) else "invalid_image"
+        raise RequestError(400, str(error), param=where, code=code) from None
 
 
-def to_prompt(request: ChatCompletionRequest, processor, limits: ServerLimits) -> tuple[str, list[Image.Image]]:
-    """Render the messages with the model's chat template; images in order of appearance."""
+def to_prompt(request: ChatCompletionRequest, processor, limits: ServerLimits) -> tuple[str, list[tuple[str, str]]]:
+    """Render the messages with the model's chat template; the images' (url, where) in order of appearance, to
+    decode with `decode_image` once the prompt's length is known to fit. Every text part and the image count are
+    checked here, before any image is decoded."""
     messages, images = [], []
+
+    def text_of(value: Any, where: str) -> str:
+        if not isinstance(value, str):
+            raise RequestError(400, f"{where}: a text part needs a string 'text'", param=where)
+        if processor.image_token in value:  # it would pair with another request's image, or with none
+            raise RequestError(
+                400,
+                f"{where}: the text holds {processor.image_token!r}, this model's image placeholder; send images "
+                "as image_url parts",
+                param=where,
+                code="image_placeholder_in_text",
+            )
+        return value
+
     for m, message in enumerate(request.messages):
         if isinstance(message.content, str):
-            messages.append({"role": message.role, "content": message.content})
+            messages.append({"role": message.role, "content": text_of(message.content, f"messages[{m}].content")})
             continue
         parts = []
         for p, part in enumerate(message.content):
             where = f"messages[{m}].content[{p}]"
             kind = part.get("type")
             if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise RequestError(400, f"{where}: a text part needs a string 'text'", param=where)
-                parts.append({"type": "text", "text": part["text"]})
+                parts.append({"type": "text", "text": text_of(part.get("text"), where)})
             elif kind == "image_url":
                 url = part.get("image_url", {})
                 url = url.get("url") if isinstance(url, dict) else url
                 if not isinstance(url, str):
                     raise RequestError(400, f"{where}: an image_url part needs image_url.url", param=where)
-                images.append(decode_image(url, limits, where))
+                images.append((url, where))
                 parts.append({"type": "image"})
             else:
                 raise RequestError(400, f"{where}: unsupported content type {kind!r} (text, image_url)", param=where)

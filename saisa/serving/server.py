@@ -1,20 +1,33 @@
 """An OpenAI-compatible HTTP server (FastAPI): `/v1/chat/completions` (streaming SSE and not), `/v1/models`,
-`/health`. Concurrent requests share one `GenerationEngine`, which batches them."""
+`/health`. Concurrent requests share one `GenerationEngine`, which schedules them a token at a time.
+
+The event loop only moves bytes: parsing, image decoding, the chat template and tokenisation run in worker threads,
+generation in the engine's thread, so `/health` answers while the largest accepted request is being prepared."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 import json
+import threading
 import time
 import uuid
 
+import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from saisa.serving.engine import GenerationEngine, Job, Sampling
-from saisa.serving.protocol import ChatCompletionRequest, RequestError, ServerLimits, to_prompt
+from saisa.serving.engine import GenerationEngine, Job, JobTimeout, QueueFull
+from saisa.serving.protocol import (
+    ChatCompletionRequest,
+    RequestError,
+    ServerLimits,
+    check_request,
+    decode_image,
+    to_prompt,
+)
+
+POLL_S = 0.25  # how often a waiting request checks for its client having gone and for its deadline
 
 
 def create_app(
@@ -27,17 +40,18 @@ def create_app(
     max_batch_size: int = 8,
 ) -> FastAPI:
     limits = limits or ServerLimits()
-    engine = GenerationEngine(model, processor, max_batch_size=max_batch_size)
-    # The engine thread tokenises batches with padding; a fast tokenizer keeps its padding settings in shared state,
-    # so requests count their tokens with a copy of their own.
-    counting_tokenizer = copy.deepcopy(processor.tokenizer)
-    max_positions = limits.max_prompt_positions or getattr(model.config.text_config, "max_position_embeddings", None)
+    engine = GenerationEngine(model, processor, max_batch_size=max_batch_size, max_queue=limits.max_queue)
+    prepare = _Preparer(model, processor, limits, model_name)
     app = FastAPI(title="saisa", description="OpenAI-compatible chat completions for SAISA models")
     app.state.engine = engine
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError):
-        return JSONResponse(error.body(), status_code=error.status)
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception):  # a JSON 500 naming the exception type, never a stack trace
+        return JSONResponse(RequestError(500, f"internal error: {type(error).__name__}").body(), status_code=500)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -52,7 +66,8 @@ def create_app(
         return {
             "status": "ok",
             "model": model_name,
-            "batches_run": engine.batches_run,
+            **engine.load(),
+            **engine.stats,
             "image_kv_cache": cache.stats() if cache is not None else None,
         }
 
@@ -62,98 +77,206 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        chat = _parse(await request.body())
-        if chat.model != model_name:
+        deadline = time.monotonic() + limits.request_timeout_s
+        body = await _read_body(request, limits.max_body_bytes)
+        chat, job = await asyncio.to_thread(prepare, body)
+        job.deadline = deadline
+        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        reply = _Reply(ident, created, model_name, chat, job)
+        loop = asyncio.get_running_loop()
+        if chat.stream:
+            deltas: asyncio.Queue = asyncio.Queue()
+            job.on_token = lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta)
+            _submit(engine, job)  # before the first byte: a full queue is still a plain 503
+            return StreamingResponse(_stream(job, deltas, reply, limits), media_type="text/event-stream")
+        finished = asyncio.Event()
+        job.on_done = lambda: loop.call_soon_threadsafe(finished.set)
+        _submit(engine, job)
+        while not finished.is_set():
+            try:
+                await asyncio.wait_for(finished.wait(), POLL_S)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()  # nobody will read the answer: stop computing it
+                    return Response(status_code=499)
+                if time.monotonic() > deadline:
+                    job.cancel()
+                    raise _timeout(limits) from None
+        if job.error is not None:
+            raise _error_of(job.error, limits)
+        return reply.completion()
+
+    return app
+
+
+class _Preparer:
+    """A request body -> (request, engine job): parse, validate, decode images, render the template, tokenise, and
+    check each limit before the work it bounds. Runs in worker threads, several at once."""
+
+    def __init__(self, model, processor, limits: ServerLimits, model_name: str):
+        self.processor, self.limits, self.model_name = processor, limits, model_name
+        self.tokens_per_image = model.tokens_per_image
+        self.max_positions = limits.max_prompt_positions or getattr(
+            model.config.text_config, "max_position_embeddings", None
+        )
+        # A fast tokenizer keeps its padding settings in shared Rust state that concurrent calls must not touch at
+        # once: the preparing threads share a copy under a lock; the engine's thread decodes with the original.
+        self.tokenizer, self.lock = copy.deepcopy(processor.tokenizer), threading.Lock()
+
+    def __call__(self, body: bytes) -> tuple[ChatCompletionRequest, Job]:
+        try:
+            chat = check_request(json.loads(body))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(400, f"request body is not valid JSON: {error}") from None
+        except RecursionError:
+            raise RequestError(400, "request body is nested too deeply") from None
+        if chat.model != self.model_name:
             raise RequestError(
                 404,
-                f"model {chat.model!r} not found; this server serves {model_name!r}",
+                f"model {chat.model!r} not found; this server serves {self.model_name!r}",
                 param="model",
                 code="model_not_found",
             )
+        limits = self.limits
         max_tokens = chat.max_completion_tokens or chat.max_tokens or min(256, limits.max_tokens)
         if max_tokens > limits.max_tokens:
             raise RequestError(
                 400, f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens}", param="max_tokens"
             )
-        prompt, images = to_prompt(chat, processor, limits)
-        positions = len(counting_tokenizer(prompt, add_special_tokens=False)["input_ids"]) + len(images) * (
-            model.tokens_per_image - 1
-        )
-        if max_positions and positions + max_tokens > max_positions:
+        prompt, images = to_prompt(chat, self.processor, limits)
+        with self.lock:
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        positions = len(ids) + len(images) * (self.tokens_per_image - 1)  # each image takes v positions
+        if self.max_positions and positions + max_tokens > self.max_positions:
             raise RequestError(
                 400,
-                f"prompt too long: {positions} positions + {max_tokens} new tokens exceed the model's {max_positions}",
+                f"prompt too long: {positions} positions + {max_tokens} new tokens exceed the model's "
+                f"{self.max_positions}",
                 param="messages",
                 code="context_length_exceeded",
             )
-        sampling = Sampling(temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed)
-        job = Job(prompt=prompt, images=images, max_tokens=max_tokens, sampling=sampling)
-        ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if chat.stream:
-            return StreamingResponse(_stream(engine, job, ident, created, model_name), media_type="text/event-stream")
-        await asyncio.to_thread(_run, engine, job)
-        return {
-            "id": ident,
-            "object": "chat.completion",
-            "created": created,
-            "model": model_name,
-            "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": job.text}, "finish_reason": job.finish_reason}
-            ],
-            "usage": {
-                "prompt_tokens": job.prompt_tokens,
-                "completion_tokens": len(job.tokens),
-                "total_tokens": job.prompt_tokens + len(job.tokens),
-            },
+        images = [decode_image(url, limits, where) for url, where in images]
+        job = Job(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            pixel_values=self.processor.preprocess_images(images) if images else None,
+            max_tokens=max_tokens,
+            temperature=chat.temperature,
+            top_p=chat.top_p,
+            seed=chat.seed,
+            stop=chat.stop_strings(),
+            top_logprobs=(chat.top_logprobs or 0) if chat.logprobs else None,
+            prompt_tokens=positions,
+        )
+        return chat, job
+
+
+class _Reply:
+    """The OpenAI JSON of one request's answer."""
+
+    def __init__(self, ident: str, created: int, model_name: str, chat: ChatCompletionRequest, job: Job):
+        self.ident, self.created, self.model_name, self.chat, self.job = ident, created, model_name, chat, job
+
+    def usage(self) -> dict:
+        prompt, completion = self.job.prompt_tokens, len(self.job.tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def completion(self) -> dict:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": self.job.text},
+            "logprobs": {"content": self.job.logprobs} if self.chat.logprobs else None,
+            "finish_reason": self.job.finish_reason,
         }
+        return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
 
-    return app
-
-
-def _parse(body: bytes) -> ChatCompletionRequest:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RequestError(400, f"request body is not valid JSON: {error}") from None
-    try:
-        return ChatCompletionRequest.model_validate(payload)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise RequestError(400, f"invalid request: {where}: {first['msg']}", param=where or None) from None
-
-
-def _run(engine: GenerationEngine, job: Job) -> None:
-    try:
-        engine.generate(job)
-    except ValueError as error:  # the model refused the input (e.g. image count, length): the client's problem
-        raise RequestError(400, str(error)) from None
-    except Exception as error:  # never a stack trace to the client
-        raise RequestError(500, f"generation failed: {type(error).__name__}") from None
-
-
-async def _stream(engine: GenerationEngine, job: Job, ident: str, created: int, model_name: str):
-    loop = asyncio.get_running_loop()
-    deltas: asyncio.Queue = asyncio.Queue()
-    job.on_token = lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta)
-    engine.submit(job)
-
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        body = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model_name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
+    def chunk(self, delta: dict, finish: str | None = None, logprobs: list | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        if self.chat.logprobs:
+            choice["logprobs"] = {"content": logprobs or []}
+        body = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        if self.include_usage:
+            body["usage"] = None  # as OpenAI: every chunk has the field, only the last one fills it
         return f"data: {json.dumps(body)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
-    while (delta := await deltas.get()) is not None:
-        yield chunk({"content": delta})
-    if job.error is not None:
-        message = str(job.error) if isinstance(job.error, ValueError) else type(job.error).__name__
-        yield f"data: {json.dumps(RequestError(400, message).body())}\n\n"
-    else:
-        yield chunk({}, job.finish_reason)
-    yield "data: [DONE]\n\n"
+    def usage_chunk(self) -> str:
+        return f"data: {json.dumps({**self._head('chat.completion.chunk'), 'choices': [], 'usage': self.usage()})}\n\n"
+
+    @property
+    def include_usage(self) -> bool:
+        return self.chat.stream_options is not None and self.chat.stream_options.include_usage
+
+    def _head(self, kind: str) -> dict:
+        return {"id": self.ident, "object": kind, "created": self.created, "model": self.model_name}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed `limit` bytes (from Content-Length, else while
+    it arrives)."""
+    too_large = RequestError(413, f"request body larger than this server's limit of {limit} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _submit(engine: GenerationEngine, job: Job) -> None:
+    try:
+        engine.submit(job)
+    except QueueFull as error:
+        raise RequestError(
+            503, f"server busy: {error}; retry shortly", code="overloaded", headers={"Retry-After": "1"}
+        ) from None
+
+
+def _timeout(limits: ServerLimits) -> RequestError:
+    return RequestError(504, f"the request took longer than {limits.request_timeout_s:g} s", code="timeout")
+
+
+def _error_of(error: Exception, limits: ServerLimits) -> RequestError:
+    if isinstance(error, JobTimeout):
+        return _timeout(limits)
+    if isinstance(error, ValueError):  # the model refused this request's input: the client's problem
+        return RequestError(400, str(error))
+    return RequestError(500, f"generation failed: {type(error).__name__}")  # never a stack trace to the client
+
+
+async def _stream(job: Job, deltas: asyncio.Queue, reply: _Reply, limits: ServerLimits):
+    """Server-sent events of `job`'s text deltas (with their logprobs), its finish and, if asked, its usage."""
+    sent = 0  # logprobs entries sent so far
+
+    def new_logprobs() -> list:
+        nonlocal sent
+        fresh = job.logprobs[sent:]
+        sent += len(fresh)
+        return fresh
+
+    try:
+        yield reply.chunk({"role": "assistant", "content": ""})
+        error = None
+        while True:
+            try:
+                delta = await asyncio.wait_for(deltas.get(), POLL_S)
+            except TimeoutError:
+                if time.monotonic() > job.deadline:
+                    error = JobTimeout()
+                    break
+                continue
+            if delta is None:
+                error = job.error
+                break
+            yield reply.chunk({"content": delta}, logprobs=new_logprobs())
+        if error is not None:
+            yield f"data: {json.dumps(_error_of(error, limits).body())}\n\n"
+        else:
+            yield reply.chunk({}, job.finish_reason, logprobs=new_logprobs())
+            if reply.include_usage:
+                yield reply.usage_chunk()
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()  # a no-op once the job is done; otherwise the client has gone or timed out: stop generating
