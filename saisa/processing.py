@@ -46,8 +46,8 @@ def open_image(
             width, height = image.size  # read from the header: nothing is decoded yet
             if limit and width * height > limit:
                 raise ImageRefused(
-                    f"refusing image {name}: {width}x{height} = {width * height} pixels exceed the limit of {limit} "
-                    "(a possible decompression bomb; raise PIL.Image.MAX_IMAGE_PIXELS if genuine)"
+                    f"refusing image {name}: {width}x{height} = {width * height} pixels exceed the limit of {limit}"
+                    + (" (PIL.Image.MAX_IMAGE_PIXELS, against decompression bombs)" if max_pixels is None else "")
                 )
             if max_aspect_ratio and max(width, height) > max_aspect_ratio * max(1, min(width, height)):
                 raise ImageRefused(

@@ -10,6 +10,8 @@ from saisa.loading import add_device_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from saisa.serving.protocol import ServerLimits
+
     parser.add_argument("model", help="a saved model folder (model + processor)")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -24,9 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="let requests name local image files, only under DIR (off by default)",
     )
-    parser.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask")
-    parser.add_argument("--max-image-bytes", type=int, default=10 * 2**20)
-    parser.add_argument("--max-batch-size", type=int, default=8)
+    limits = ServerLimits()  # the defaults live there; docs/serving.md lists them
+    parser.add_argument(
+        "--max-tokens", type=int, default=limits.max_tokens, help="largest max_tokens a request may ask"
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=limits.max_body_bytes, help="larger bodies get 413")
+    parser.add_argument("--max-image-bytes", type=int, default=limits.max_image_bytes)
+    parser.add_argument("--max-images", type=int, default=limits.max_images, help="images per request")
+    parser.add_argument(
+        "--max-image-pixels", type=int, default=limits.max_image_pixels, help="per image, read from its header"
+    )
+    parser.add_argument(
+        "--max-aspect-ratio", type=float, default=limits.max_aspect_ratio, help="longest over shortest side"
+    )
+    parser.add_argument("--max-queue", type=int, default=limits.max_queue, help="waiting requests; more get 503")
+    parser.add_argument(
+        "--request-timeout", type=float, default=limits.request_timeout_s, help="seconds per request (504 past it)"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=8, help="requests prefilled together")
     parser.add_argument("--image-cache-mib", type=int, default=1024, help="image KV cache budget (0: off)")
     add_device_arguments(parser)
 
@@ -42,8 +59,14 @@ def run(args: argparse.Namespace) -> int:
         args.model, device=args.device, dtype=args.dtype, image_cache_mib=args.image_cache_mib
     )
     limits = ServerLimits(
+        max_body_bytes=args.max_body_bytes,
         max_image_bytes=args.max_image_bytes,
+        max_images=args.max_images,
+        max_image_pixels=args.max_image_pixels,
+        max_aspect_ratio=args.max_aspect_ratio,
         max_tokens=args.max_tokens,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
         allowed_image_dir=Path(args.allow_local_images) if args.allow_local_images else None,
     )
     name = args.model_name or Path(args.model).resolve().name

@@ -53,12 +53,8 @@ def create_app(
     async def unexpected(_: Request, error: Exception):  # a JSON 500 naming the exception type, never a stack trace
         return JSONResponse(RequestError(500, f"internal error: {type(error).__name__}").body(), status_code=500)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return JSONResponse(RequestError(401, "missing or wrong API key").body(), status_code=401)
-        return await call_next(request)
+    if api_key:
+        app.add_middleware(_RequireKey, api_key=api_key)
 
     @app.get("/health")
     async def health():
@@ -107,6 +103,21 @@ def create_app(
         return reply.completion()
 
     return app
+
+
+class _RequireKey:
+    """`Authorization: Bearer KEY` on /v1/ routes. A plain ASGI middleware: starlette's BaseHTTPMiddleware would hide
+    a client's disconnect from the route, which then could not stop generating for it."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            if dict(scope["headers"]).get(b"authorization") != self.expected:
+                response = JSONResponse(RequestError(401, "missing or wrong API key").body(), status_code=401)
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class _Preparer:
