@@ -35,6 +35,35 @@ def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
 
 
+# The official VQA evaluation's documented processing (visualqa.org/evaluation.html), one case per rule, and entries
+# of its contraction table beyond the few a hand-made list would hold.
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("WHITE", "white"),  # all characters lowercase
+        ("cat.", "cat"),  # periods removed...
+        ("2.5", "2.5"),  # ...except as a decimal point
+        ("seven", "7"),  # number words to digits
+        ("none", "0"),
+        ("the dog on a mat", "dog on mat"),  # articles removed
+        ("an owl", "owl"),
+        ("dont", "don't"),  # a missing apostrophe added
+        ("girl's", "girl's"),  # apostrophes kept (possessives stay singular)
+        ("2:50 pm", "2:50 pm"),  # colons kept (times)
+        ("100,978", "100978"),  # no space for a comma between digits
+        ("red/white", "red white"),  # other punctuation becomes a space...
+        ("yes!", "yes"),
+        ("fish, chips", "fish chips"),  # ...or goes, where it touches a space
+        ("couldnt've", "couldn't've"),
+        ("yall", "y'all"),
+        ("oclock", "o'clock"),
+        ("somebodys", "somebody's"),
+    ],
+)
+def test_normalize_answer_as_the_official_vqa_evaluation(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
 def test_exact_match_accepts_any_listed_answer():
     assert exact_match("Two dogs.", ["2 dogs", "a pair"]) == 1.0
     assert exact_match("three dogs", ["2 dogs"]) == 0.0
@@ -88,12 +117,74 @@ def test_eval_outputs_are_complete_and_missing_images_reported(tmp_path):
         model, processor, _questions(tmp_path), tmp_path, out_dir=tmp_path / "out", batch_size=2, max_new_tokens=3
     )
     assert metrics["questions"] == 5 and metrics["answered"] == 4 and metrics["missing_images"] == 1
+    assert metrics["skipped"] == 0 and metrics["failed"] == 0
     assert set(metrics["pope"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
     records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert sorted(r["question_id"] for r in records) == ["lost", "mc", "pope", "short", "text"]
     lost = next(r for r in records if r["question_id"] == "lost")
     assert lost["prediction"] is None and "missing.png" in lost["error"]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == metrics
+
+
+def test_pope_metrics_are_per_row_whatever_the_question_ids(tmp_path):
+    """Labels yes/no/yes/no under a missing, then a repeated question_id: the metrics pair each answer with its own
+    row's label (a dict of ids paired them all with the last row's and reported accuracy 1.0 for all-"no")."""
+    model, processor = tiny_model("saisa"), tiny_chat_processor()
+    rows = [
+        {"text": "is this ?", "label": "yes"},
+        {"text": "is this ?", "label": "no"},
+        {"question_id": "q", "text": "what is this ?", "label": "yes"},
+        {"question_id": "q", "text": "what ?", "label": "no"},
+    ]
+    path = tmp_path / "pope.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = evaluate(model, processor, path, tmp_path, out_dir=tmp_path / "out", max_new_tokens=3)
+    records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["where"] for r in records] == [f"{path}:{i}" for i in range(1, 5)]
+    said = [yes_no(r["prediction"]) for r in records]  # independently re-parsed from the predictions
+    assert metrics["pope"] == pope_metrics(said, [r["label"] for r in rows])
+    if all(s != "yes" for s in said):  # what the tiny model answers: "no" (unparsable) everywhere
+        assert metrics["pope"]["accuracy"] == 0.5
+
+
+def test_bad_rows_are_reported_with_file_line_and_skipped(tmp_path):
+    model, processor = tiny_model("saisa"), tiny_chat_processor()
+    Image.new("RGB", (12, 12)).save(tmp_path / "ok.png")
+    lines = [
+        json.dumps({"question_id": 1, "image": "ok.png", "text": "what is this ?", "answer": "w20"}),
+        json.dumps([1, 2]),
+        json.dumps({"question_id": 3, "answer": "w20"}),
+        json.dumps({"question_id": 4, "text": "what ?"}),
+        json.dumps({"question_id": 5, "text": "what ?", "answer": 7}),
+        json.dumps({"question_id": 6, "text": "what is <image> ?", "answer": "w20"}),
+        json.dumps({"question_id": 7, "text": " ".join(["what"] * 600), "answer": "w20"}),
+        '{"question_id": 8, "text": ',
+        json.dumps({"question_id": 9, "question": "what ?", "options": ["w1", "w2"], "answer": "C"}),
+        json.dumps({"question_id": 10, "text": "is this ?", "label": "maybe"}),
+        json.dumps({"question_id": 11, "text": "what ?", "answer": ["w20", "w21"]}),
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    metrics = evaluate(model, processor, path, tmp_path, out_dir=tmp_path / "out", max_new_tokens=2)
+    assert metrics["questions"] == 11 and metrics["skipped"] == 9 and metrics["answered"] == 2
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    reasons = {item["where"]: item["reason"] for item in skipped}
+    expected = {
+        2: "JSON object",
+        3: "text",
+        4: "answer must be",
+        5: "got int",
+        6: "<image>",
+        7: "over the model's 512",
+        8: "not valid JSON",
+        9: "option letters",
+        10: "label must be",
+    }
+    assert set(reasons) == {f"{path}:{n}" for n in expected}
+    for number, fragment in expected.items():
+        assert fragment in reasons[f"{path}:{number}"]
+    records = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in records] == [1, 11]
 
 
 def test_eval_cli(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import tiny_chat_processor, tiny_model
 from PIL import Image
+from test_images import png_header
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -240,15 +241,7 @@ def _sse(response: httpx.Response) -> list[dict]:
 
 
 def _png_header(width: int, height: int) -> str:
-    """A PNG whose header claims width x height and holds no pixel data: only decoding would find out."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    return "data:image/png;base64," + base64.b64encode(raw + chunk(b"IEND", b"")).decode()
+    return "data:image/png;base64," + base64.b64encode(png_header(width, height)).decode()
 
 
 def test_image_placeholder_in_one_request_fails_only_that_request(served):

@@ -38,10 +38,13 @@ def run(args: argparse.Namespace) -> int:
         blind=args.blind,
     )
     print(json.dumps(metrics, indent=2))
-    if metrics["missing_images"]:
+    tag = "blind_" if args.blind else ""
+    if metrics["skipped"]:
+        print(f"warning: {metrics['skipped']} row(s) skipped (file:line and reason in {out}/{tag}skipped.jsonl)")
+    if metrics["missing_images"] or metrics["failed"]:
         print(
-            f"warning: {metrics['missing_images']} question(s) had a missing or unreadable image; see "
-            f"{out}/predictions.jsonl"
+            f"warning: {metrics['missing_images']} question(s) had a missing or unreadable image and "
+            f"{metrics['failed']} failed in generation; see their errors in {out}/{tag}predictions.jsonl"
         )
     print(f"wrote {out}")
     return 0

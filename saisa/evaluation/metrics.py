@@ -1,7 +1,7 @@
 """Answer extraction and metrics in the formats the field uses.
 
-- short answer: VQAv2-style normalisation (lower case, punctuation, articles, number words, contractions) then
-  exact match;
+- short answer: the official VQA evaluation's normalisation (punctuation, lower case, number words, articles,
+  contractions) then exact match;
 - multiple choice (MMBench / SEED / ScienceQA style): the option letter, or the option whose text the answer gives;
 - yes/no (POPE): accuracy, precision, recall, F1 and the yes-ratio.
 """
@@ -10,6 +10,131 @@ from __future__ import annotations
 
 import re
 
+# The official VQA evaluation's tables (github.com/GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py),
+# as EvalAI scores VQAv2 with them: with straight apostrophes, entries kept as they are (the capitalised ones never
+# match, since words are lower-cased first; "somebody'd" maps to "somebodyd").
+_CONTRACTIONS = {
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
+}
 _NUMBERS = {
     "none": "0",
     "zero": "0",
@@ -25,37 +150,26 @@ _NUMBERS = {
     "ten": "10",
 }
 _ARTICLES = {"a", "an", "the"}
-_CONTRACTIONS = {
-    "dont": "don't",
-    "doesnt": "doesn't",
-    "isnt": "isn't",
-    "arent": "aren't",
-    "cant": "can't",
-    "wont": "won't",
-    "im": "i'm",
-    "ive": "i've",
-    "youre": "you're",
-    "thats": "that's",
-    "whats": "what's",
-}
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
-_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # a period that is not a decimal point
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # as written there: in effect, a period not followed by a digit
 _COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
 
 
 def normalize_answer(text: str) -> str:
-    """VQAv2's answer normalisation (a faithful subset of the official evaluation script)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = _COMMA_NUMBER.sub(r"\1\3", text)  # 1,000 -> 1000
-    text = _PUNCT.sub(" ", text)
-    text = _PERIOD.sub("", text)
-    words = []
-    for word in text.split():
-        word = _NUMBERS.get(word, word)
-        if word in _ARTICLES:
-            continue
-        words.append(_CONTRACTIONS.get(word, word))
-    return " ".join(words)
+    """The official VQA evaluation's answer processing: tabs and newlines to spaces, then `processPunctuation`
+    (each punctuation mark removed where it touches a space or the text holds a digit-comma-digit, else replaced
+    by a space; apostrophes and colons kept; periods dropped unless a digit follows), then `processDigitArticle`
+    (lower case, number words to digits, articles dropped, missing apostrophes restored)."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for mark in _PUNCT:
+        if mark + " " in text or " " + mark in text or _COMMA_NUMBER.search(text) is not None:
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    out = _PERIOD.sub("", out)
+    words = [_NUMBERS.get(word, word) for word in out.lower().split()]
+    return " ".join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
 
 
 def exact_match(prediction: str, answers: str | list[str]) -> float:

@@ -4,45 +4,112 @@ One question per line, with `question_id`, `image` (optional) and, by kind:
 - short answer: `text` + `answer` (a string or a list of accepted answers);
 - multiple choice: `question` (or `text`) + `options` ({"A": ..} or a list) + `answer` (a letter);
 - yes/no (POPE): `text` + `label` ("yes" / "no").
-A question whose image is missing or unreadable is written to the predictions with its error and counted, never
-dropped silently.
+Every row is scored on its own (question ids may be missing or repeated). A row that cannot be asked (not a JSON
+object, a missing or mistyped field, the image placeholder in its text, a prompt longer than the model) is reported
+with its file:line and reason and skipped; a question whose image is missing or unreadable, or whose generation
+fails, is written to the predictions with its error. The run goes on either way and the metrics count each kind.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import string
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from saisa.evaluation.metrics import exact_match, extract_choice, pope_metrics, yes_no
-from saisa.generation import answer_batch
+from saisa.generation import answer_batch, user_prompt
 from saisa.processing import load_image
 
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 KINDS = ("short", "multiple_choice", "yes_no")
+logger = logging.getLogger(__name__)
 
 
-def load_questions(path: str | Path) -> list[dict]:
+@dataclass
+class Question:
+    row: dict
+    where: str  # "file:line"
+
+
+@dataclass
+class Skipped:
+    where: str
+    reason: str
+
+    def record(self) -> dict:
+        return {"where": self.where, "reason": self.reason}
+
+
+def read_questions(path: str | Path) -> tuple[list[Question], list[Skipped]]:
+    """The usable rows of a question JSONL, and the others with their file:line and what is wrong with them."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"question file not found: {path}")
-    rows = []
+    questions, skipped = [], []
     for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    return rows
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as error:
+            skipped.append(Skipped(where, f"not valid JSON ({getattr(error, 'msg', 'nested too deeply')})"))
+            continue
+        reason = row_problem(row)
+        if reason:
+            skipped.append(Skipped(where, reason))
+        else:
+            questions.append(Question(row, where))
+    return questions, skipped
+
+
+def load_questions(path: str | Path) -> list[dict]:
+    """The usable rows of a question JSONL (`read_questions` also says why the others are not)."""
+    return [question.row for question in read_questions(path)[0]]
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def row_problem(row) -> str | None:
+    """Why a row cannot be asked and scored, or None."""
+    if not isinstance(row, dict):
+        return f"a row must be a JSON object, got {type(row).__name__}"
+    if "image" in row and row["image"] is not None and not isinstance(row["image"], str):
+        return "image must be a file name"
+    kind = question_kind(row)
+    if kind == "multiple_choice":
+        options = row["options"]
+        texts = list(options.values()) if isinstance(options, dict) else options
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            return "options must be a non-empty list or object of strings"
+        if not _is_text(row.get("question", row.get("text"))):
+            return "a multiple-choice row needs a string question (or text)"
+        if row.get("answer") not in _options(row):
+            return f"answer must be one of the option letters {sorted(_options(row))}, got {row.get('answer')!r}"
+        return None
+    if not _is_text(row.get("text")):
+        return "text (the question) is missing or not a string"
+    if kind == "yes_no":
+        return None
+    if "label" in row:
+        return f"label must be 'yes' or 'no', got {row['label']!r}"
+    answer = row.get("answer")
+    if not (_is_text(answer) or (isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer))):
+        return f"answer must be a string or a non-empty list of strings, got {type(answer).__name__}"
+    return None
 
 
 def question_kind(row: dict) -> str:
     if "options" in row:
         return "multiple_choice"
-    if str(row.get("label", "")).lower() in ("yes", "no"):
+    if isinstance(row.get("label"), str) and row["label"].lower() in ("yes", "no"):
         return "yes_no"
     return "short"
 
@@ -60,13 +127,14 @@ def prompt_text(row: dict) -> str:
 
 
 def score(row: dict, prediction: str) -> dict:
+    """What the record of one answered row holds: its verdict and what it was judged against."""
     kind = question_kind(row)
     if kind == "multiple_choice":
         choice = extract_choice(prediction, _options(row))
         return {"extracted": choice, "correct": float(choice == row["answer"])}
     if kind == "yes_no":
-        said = yes_no(prediction)
-        return {"extracted": said, "correct": float(said == row["label"].lower())}
+        said, label = yes_no(prediction), row["label"].lower()
+        return {"extracted": said, "label": label, "correct": float(said == label)}
     return {"correct": exact_match(prediction, row["answer"])}
 
 
@@ -75,67 +143,104 @@ def _batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
+def _prompt_problem(model, processor, row: dict, n_images: int, max_new_tokens: int) -> str | None:
+    """A question whose text holds the image placeholder, or whose prompt cannot fit the model, cannot be asked."""
+    text = prompt_text(row)
+    if processor.image_token in text:
+        return f"the question holds {processor.image_token!r}, the model's image placeholder"
+    limit = getattr(model.config.text_config, "max_position_embeddings", None)
+    if limit is None:
+        return None
+    prompt = user_prompt(processor, text, n_images)
+    positions = len(processor.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    positions += n_images * (model.tokens_per_image - 1)
+    if positions + max_new_tokens > limit:
+        return f"the prompt takes {positions} positions + {max_new_tokens} new tokens, over the model's {limit}"
+    return None
+
+
 def generate_answers(
     model,
     processor,
-    rows: list[dict],
+    questions: list[Question],
     image_folder: str | Path | None,
     *,
     batch_size: int = 16,
     max_new_tokens: int = 16,
     blind: bool = False,
     desc: str = "eval",
-) -> list[dict]:
-    """One record per row: prediction (or error) and score."""
+) -> tuple[list[dict], list[Skipped]]:
+    """One record per question (prediction or error, and score), and the questions that could not be asked."""
     folder = Path(image_folder) if image_folder else Path(".")
-    prepared, records = [], []
-    for row in rows:
-        image = None
-        if row.get("image") and not blind:
+    prepared, records, skipped = [], [], []
+    for question in questions:
+        row, image = question.row, None
+        uses_image = bool(row.get("image")) and not blind
+        problem = _prompt_problem(model, processor, row, int(uses_image), max_new_tokens)
+        if problem:
+            skipped.append(Skipped(question.where, problem))
+            continue
+        if uses_image:
             try:
                 image = load_image(folder / row["image"])
             except (FileNotFoundError, ValueError) as error:
-                records.append(
-                    {"question_id": row.get("question_id"), "prediction": None, "error": str(error), "correct": 0.0}
-                )
+                records.append(_record(question, error=f"image: {error}"))
                 continue
-        prepared.append((row, image))
-    results = []
+        prepared.append((question, image))
     for batch in tqdm(list(_batches(prepared, batch_size)), desc=desc, unit="batch"):
+        records += _answer(model, processor, batch, max_new_tokens)
+    return records, skipped
+
+
+def _answer(model, processor, batch: list, max_new_tokens: int) -> list[dict]:
+    """Records for a batch; if the batch fails, its questions are asked one at a time so only the faulty one fails."""
+    try:
         texts = answer_batch(
             model,
             processor,
-            [prompt_text(row) for row, _ in batch],
+            [prompt_text(question.row) for question, _ in batch],
             [[image] if image is not None else [] for _, image in batch],
             max_new_tokens=max_new_tokens,
         )
-        for (row, _), text in zip(batch, texts, strict=True):
-            text = text.strip()
-            results.append(
-                {
-                    "question_id": row.get("question_id"),
-                    "kind": question_kind(row),
-                    "prediction": text,
-                    **score(row, text),
-                }
-            )
-    return records + results
+    except Exception as error:  # noqa: BLE001 (any failure becomes that question's error; the run goes on)
+        if len(batch) > 1:
+            return [record for item in batch for record in _answer(model, processor, [item], max_new_tokens)]
+        return [_record(batch[0][0], error=f"generation: {type(error).__name__}: {error}")]
+    records = []
+    for (question, _), text in zip(batch, texts, strict=True):
+        text = text.strip()
+        records.append(_record(question, prediction=text, **score(question.row, text)))
+    return records
 
 
-def summarize(rows: list[dict], records: list[dict]) -> dict:
-    answered = [r for r in records if r.get("error") is None]
+def _record(question: Question, *, prediction: str | None = None, error: str | None = None, **verdict) -> dict:
+    record = {
+        "question_id": question.row.get("question_id"),
+        "where": question.where,
+        "kind": question_kind(question.row),
+        "prediction": prediction,
+        "correct": 0.0,
+        **verdict,
+    }
+    if error is not None:
+        record["error"] = error
+    return record
+
+
+def summarize(records: list[dict], skipped: list[Skipped]) -> dict:
+    """Metrics from the records alone: each carries its own verdict (and, for yes/no, its label)."""
+    answered = [r for r in records if "error" not in r]
     metrics = {
-        "questions": len(rows),
+        "questions": len(records) + len(skipped),
         "answered": len(answered),
-        "missing_images": len(records) - len(answered),
+        "skipped": len(skipped),
+        "missing_images": sum(r.get("error", "").startswith("image:") for r in records),
+        "failed": sum(r.get("error", "").startswith("generation:") for r in records),
         "accuracy": sum(r["correct"] for r in answered) / len(answered) if answered else 0.0,
     }
-    by_id = {r.get("question_id"): r for r in rows}
-    pope = [r for r in answered if r.get("kind") == "yes_no"]
+    pope = [r for r in answered if r["kind"] == "yes_no"]
     if pope:
-        metrics["pope"] = pope_metrics(
-            [r["extracted"] for r in pope], [by_id[r["question_id"]]["label"].lower() for r in pope]
-        )
+        metrics["pope"] = pope_metrics([r["extracted"] for r in pope], [r["label"] for r in pope])
     return metrics
 
 
@@ -150,22 +255,27 @@ def evaluate(
     max_new_tokens: int = 16,
     blind: bool = False,
 ) -> dict:
-    rows = load_questions(questions)
-    records = generate_answers(
+    """Answer and score a question file; writes predictions.jsonl, skipped.jsonl and metrics.json to `out_dir`."""
+    usable, skipped = read_questions(questions)
+    records, unasked = generate_answers(
         model,
         processor,
-        rows,
+        usable,
         image_folder,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         blind=blind,
         desc="blind" if blind else "eval",
     )
-    metrics = summarize(rows, records)
+    skipped += unasked
+    for item in skipped:
+        logger.warning("skipped %s: %s", item.where, item.reason)
+    metrics = summarize(records, skipped)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tag = "blind_" if blind else ""
         (out / f"{tag}predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (out / f"{tag}skipped.jsonl").write_text("".join(json.dumps(s.record()) + "\n" for s in skipped))
         (out / f"{tag}metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
