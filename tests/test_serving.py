@@ -458,12 +458,17 @@ def test_seeded_sampling_is_the_same_alone_and_batched(served):
     alone = text(_post(served["url"], sampled(7)))
     assert text(_post(served["url"], sampled(7))) == alone
     assert text(_post(served["url"], sampled(8))) != alone  # the seed matters
-    others = [sampled(seed, "what ?") for seed in range(5)] + [_body("this is what ?", [2], max_tokens=16)] * 2
-    with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(_post, served["url"], body) for body in others]
-        batched = pool.submit(_post, served["url"], sampled(7))
-        assert text(batched.result()) == alone
-        assert all(f.result().status_code == 200 for f in futures)
+    # batch-mates with the very same settings (an engine that batches by settings puts them in one batch and draws
+    # every row from one generator), with other seeds, and greedy
+    others = [sampled(7, "what ?")] * 3 + [sampled(seed, "what ?") for seed in range(3)]
+    others += [_body("this is what ?", [2], max_tokens=16)] * 2
+    for _ in range(2):
+        with ThreadPoolExecutor(9) as pool:
+            futures = [pool.submit(_post, served["url"], body) for body in others[:3]]
+            batched = pool.submit(_post, served["url"], sampled(7))
+            futures += [pool.submit(_post, served["url"], body) for body in others[3:]]
+            assert text(batched.result()) == alone
+            assert all(f.result().status_code == 200 for f in futures)
 
 
 def _health(served) -> dict:

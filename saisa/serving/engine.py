@@ -49,7 +49,6 @@ class Job:
     finish_reason: str | None = None
     error: Exception | None = None
     cancelled: bool = False  # set by the server when the client has gone; the worker then drops the job
-    done: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
         self.chooser = TokenChooser(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
@@ -86,15 +85,13 @@ class GenerationEngine:
         self.eos_ids = set(stop_token_ids(model, self.tokenizer))
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._groups: list[_Group] = []
+        # groups prefilled, steps run, and how requests ended (counted in /health)
         self.stats = {"batches_run": 0, "steps_run": 0, "finished": 0, "cancelled": 0, "timed_out": 0, "failed": 0}
         self._worker = threading.Thread(target=self._run, name="saisa-engine", daemon=True)
         self._worker.start()
 
-    @property
-    def batches_run(self) -> int:
-        return self.stats["batches_run"]
-
     def load(self) -> dict:
+        """Requests waiting and decoding now."""
         return {"waiting": self._queue.qsize(), "running": sum(len(g.jobs) for g in self._groups)}
 
     def submit(self, job: Job) -> Job:
@@ -102,13 +99,6 @@ class GenerationEngine:
             self._queue.put_nowait(job)
         except queue.Full:
             raise QueueFull(f"{self._queue.maxsize} requests are already waiting") from None
-        return job
-
-    def generate(self, job: Job, timeout: float | None = None) -> Job:
-        """Submit and wait (for callers outside an event loop)."""
-        self.submit(job).done.wait(timeout)
-        if job.error is not None:
-            raise job.error
         return job
 
     # -- the worker ----------------------------------------------------------------------------------------------------
@@ -249,10 +239,10 @@ class GenerationEngine:
         job.finish_reason, job.error = reason, error
         if error is None:
             self._emit(job, job.text)
+        if reason in ("stop", "length"):
             self.stats["finished"] += 1
-        elif not isinstance(error, JobTimeout):
+        elif error is not None and not isinstance(error, JobTimeout):
             self.stats["failed"] += 1
-        job.done.set()
         if job.on_token is not None:
             job.on_token(None)  # end of stream
         if job.on_done is not None:

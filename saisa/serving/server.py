@@ -91,7 +91,7 @@ def create_app(
         while not finished.is_set():
             try:
                 await asyncio.wait_for(finished.wait(), POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (builtin TimeoutError only from Python 3.11)
                 if await request.is_disconnected():
                     job.cancel()  # nobody will read the answer: stop computing it
                     return Response(status_code=499)
@@ -273,7 +273,7 @@ async def _stream(job: Job, deltas: asyncio.Queue, reply: _Reply, limits: Server
         while True:
             try:
                 delta = await asyncio.wait_for(deltas.get(), POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # (builtin TimeoutError only from Python 3.11)
                 if time.monotonic() > job.deadline:
                     error = JobTimeout()
                     break
