@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import os
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from fastapi import FastAPI, Request
@@ -28,6 +30,13 @@ from saisa.serving.protocol import (
 )
 
 POLL_S = 0.25  # how often a waiting request checks for its client having gone and for its deadline
+PREPARE_THREADS = 4  # requests decoded and tokenised at once (each may hold max_images decoded images)
+
+
+def _lower_priority() -> None:
+    """Preparing threads yield the CPU to the event loop and the engine (Linux: a thread's own nice value)."""
+    if hasattr(os, "setpriority"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def create_app(
@@ -42,6 +51,7 @@ def create_app(
     limits = limits or ServerLimits()
     engine = GenerationEngine(model, processor, max_batch_size=max_batch_size, max_queue=limits.max_queue)
     prepare = _Preparer(model, processor, limits, model_name)
+    preparing = ThreadPoolExecutor(PREPARE_THREADS, "saisa-prepare", initializer=_lower_priority)
     app = FastAPI(title="saisa", description="OpenAI-compatible chat completions for SAISA models")
     app.state.engine = engine
 
@@ -74,12 +84,12 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         deadline = time.monotonic() + limits.request_timeout_s
+        loop = asyncio.get_running_loop()
         body = await _read_body(request, limits.max_body_bytes)
-        chat, job = await asyncio.to_thread(prepare, body)
+        chat, job = await loop.run_in_executor(preparing, prepare, body)
         job.deadline = deadline
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         reply = _Reply(ident, created, model_name, chat, job)
-        loop = asyncio.get_running_loop()
         if chat.stream:
             deltas: asyncio.Queue = asyncio.Queue()
             job.on_token = lambda delta: loop.call_soon_threadsafe(deltas.put_nowait, delta)
