@@ -133,3 +133,14 @@ def test_other_backbones_encoders_and_the_llava_baseline_match(tmp_path, archite
         assert_same(model, folder, llm.generate(request(prompt, images), greedy())[0], prompt, images)
     finally:
         stop_llm(llm)
+
+
+def test_naavit_is_refused_at_load(tmp_path):
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    folder = save_checkpoint(tiny_model("naavit"), tmp_path)
+    try:
+        with pytest.raises(Exception, match="NAAViT"):  # vLLM may wrap the model's ValueError
+            stop_llm(start_llm(folder))
+    finally:
+        cleanup_dist_env_and_memory()  # the half-started engine's process groups
