@@ -34,11 +34,13 @@ logger = logging.getLogger(__name__)
 class Question:
     row: dict
     where: str  # "file:line"
+    line: int
 
 
 @dataclass
 class Skipped:
     where: str
+    line: int
     reason: str
 
     def record(self) -> dict:
@@ -58,13 +60,13 @@ def read_questions(path: str | Path) -> tuple[list[Question], list[Skipped]]:
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as error:
-            skipped.append(Skipped(where, f"not valid JSON ({getattr(error, 'msg', 'nested too deeply')})"))
+            skipped.append(Skipped(where, number, f"not valid JSON ({getattr(error, 'msg', 'nested too deeply')})"))
             continue
         reason = row_problem(row)
         if reason:
-            skipped.append(Skipped(where, reason))
+            skipped.append(Skipped(where, number, reason))
         else:
-            questions.append(Question(row, where))
+            questions.append(Question(row, where, number))
     return questions, skipped
 
 
@@ -178,7 +180,7 @@ def generate_answers(
         uses_image = bool(row.get("image")) and not blind
         problem = _prompt_problem(model, processor, row, int(uses_image), max_new_tokens)
         if problem:
-            skipped.append(Skipped(question.where, problem))
+            skipped.append(Skipped(question.where, question.line, problem))
             continue
         if uses_image:
             try:
@@ -267,7 +269,7 @@ def evaluate(
         blind=blind,
         desc="blind" if blind else "eval",
     )
-    skipped += unasked
+    skipped = sorted(skipped + unasked, key=lambda item: item.line)
     for item in skipped:
         logger.warning("skipped %s: %s", item.where, item.reason)
     metrics = summarize(records, skipped)
