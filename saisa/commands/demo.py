@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -22,25 +23,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instruct-per-class", type=int, default=200, help="instruct questions per class")
     parser.add_argument("--test-per-class", type=int, default=50, help="held-out questions per class")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank in instruct (0: projectors only)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed (data, init, order)")
+    parser.add_argument("--json", help="write every seed's accuracy and minutes here (e.g. docs/demo.json)")
     add_device_arguments(parser)  # for the evaluation; training runs where the Trainer finds an accelerator
 
 
 def run(args: argparse.Namespace) -> int:
-    report = run_pipeline(
-        args.architecture,
-        Path(args.workdir),
-        align_per_class=args.align_per_class,
-        instruct_per_class=args.instruct_per_class,
-        test_per_class=args.test_per_class,
-        lora_r=args.lora_r,
-        seed=args.seed,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    reports = []
+    for seed in args.seeds:
+        work = Path(args.workdir) if len(args.seeds) == 1 else Path(args.workdir) / f"seed{seed}"
+        report = run_pipeline(
+            args.architecture,
+            work,
+            align_per_class=args.align_per_class,
+            instruct_per_class=args.instruct_per_class,
+            test_per_class=args.test_per_class,
+            lora_r=args.lora_r,
+            seed=seed,
+            device=args.device,
+            dtype=args.dtype,
+        )
+        _print_report(report, seed)
+        reports.append(report)
+    accuracies = [r["accuracy"] for r in reports]
+    if len(reports) > 1:
+        per_seed = ", ".join(f"{100 * a:.1f}%" for a in accuracies)
+        mean, std = statistics.mean(accuracies), statistics.stdev(accuracies)
+        print(f"\nmean over seeds {args.seeds}: {100 * mean:.1f}% (± {100 * std:.1f}); per seed: {per_seed}")
+    if args.json:
+        summary = {
+            "architecture": args.architecture,
+            "seeds": list(args.seeds),
+            "accuracy_per_seed": accuracies,
+            "blind_accuracy_per_seed": [r["blind_accuracy"] for r in reports],
+            "minutes_per_seed": [r["timings"]["total_s"] / 60 for r in reports],
+            "held_out_questions": reports[0]["held_out_questions"],
+        }
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+def _print_report(report: dict, seed: int) -> None:
     t = report["timings"]
     print(
-        f"\n{report['architecture']} on SmolLM2-135M-Instruct + EfficientNet-Lite0, Fashion-MNIST, "
+        f"\n{report['architecture']} on SmolLM2-135M-Instruct + EfficientNet-Lite0, Fashion-MNIST, seed {seed}, "
         f"{report['held_out_questions']} held-out questions 'What is this item?'"
     )
     print(f"  exact match with the image : {100 * report['accuracy']:5.1f}%")
@@ -50,7 +76,6 @@ def run(args: argparse.Namespace) -> int:
         f"eval {t['eval_s']:.0f} s, total {t['total_s'] / 60:.1f} min"
     )
     print(f"  model: {report['model']}   try: saisa ask {report['model']} --image IMG 'What is this item?'")
-    return 0
 
 
 def run_pipeline(

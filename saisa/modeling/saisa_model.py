@@ -29,6 +29,7 @@ from saisa.modeling.layout import KeyLayout, SequenceLayout, attention_mask_4d, 
 from saisa.modeling.projector import MLPProjector
 from saisa.modeling.visual_prefix import VisualPrefix
 from saisa.vision import build_vision_encoder
+from saisa.vision.feature_cache import VisionFeatureCache
 
 IGNORE_INDEX = -100
 
@@ -101,6 +102,8 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             self.projector = projector()
         # Optional, inference only: per-image visual K/V reused across requests (`saisa.modeling.image_kv_cache`).
         self.image_kv_cache: ImageKVCache | None = None
+        # Optional: a frozen encoder's features kept on disk across runs (`saisa.vision.feature_cache`).
+        self.vision_feature_cache: VisionFeatureCache | None = None
         inner = self.language_model.config._attn_implementation or "sdpa"
         self.language_model.set_attn_implementation(saisa_attention_name(inner.removeprefix("saisa_")))
         self.post_init()
@@ -157,7 +160,10 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         """(N, 3, S, S) -> (N, v, d_vis) patch features, on the vision encoder's device and in its dtype."""
         self._check_pixel_values(pixel_values)
         weight = next(self.vision_tower.parameters())
-        return self.vision_tower(pixel_values.to(device=weight.device, dtype=weight.dtype))
+        pixel_values = pixel_values.to(device=weight.device, dtype=weight.dtype)
+        if self.vision_feature_cache is not None:
+            return self.vision_feature_cache.encode(self.vision_tower, pixel_values)
+        return self.vision_tower(pixel_values)
 
     def _phantom_image(self) -> torch.Tensor | None:
         """In training, a batch without images still runs one blank image through every visual weight, with no

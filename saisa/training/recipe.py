@@ -77,7 +77,7 @@ TOP_LEVEL_KEYS = {
     "freeze_llm",
     "expand_shared_projector",
 }
-MODEL_KEYS = {"init", "llm", "vision", "image_size", "shared_projector", "template"}
+MODEL_KEYS = {"init", "llm", "vision", "image_size", "shared_projector", "template", "feature_cache"}
 DATA_KEYS = {"train", "image_folder", "template", "max_length", "skip_bad_images"}
 # Read by run_training itself; not TrainingArguments fields in every supported transformers release.
 TRAINING_EXTRA_KEYS = {"group_by_length", "activation_checkpointing", "activation_checkpointing_kwargs"}
@@ -192,6 +192,19 @@ def build_model_and_processor(model_spec: dict, architecture: str):
     raise ValueError("recipe `model` needs `init: embedded`, `init: <saved model folder>`, or `llm:` and `vision:`")
 
 
+def _attach_feature_cache(model, directory: str, settings: dict) -> None:
+    """`model.feature_cache: DIR`: the frozen encoder's features are computed once per image and read back after."""
+    from saisa.vision.feature_cache import VisionFeatureCache
+
+    zero = (settings.get("deepspeed") or {}).get("zero_optimization", {}).get("stage", 0)
+    if settings.get("fsdp") or zero == 3:
+        raise ValueError(
+            "model.feature_cache cannot be used with FSDP or ZeRO-3: the encoder is sharded there and every rank must "
+            "run it in step with the others; use DDP or ZeRO-2, or drop model.feature_cache"
+        )
+    model.vision_feature_cache = VisionFeatureCache(directory)
+
+
 def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None = None) -> Path:
     """Train one stage; writes checkpoints, then the final `from_pretrained` folder (model + processor + loss.png)."""
     from transformers import TrainingArguments, set_seed
@@ -241,6 +254,8 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
         settings["deepspeed"] = engines.deepspeed_config(settings["deepspeed"], on_gpu=on_gpu)
     if settings.get("fsdp"):
         settings["fsdp_config"] = engines.fsdp_config_for(model, settings.get("fsdp_config"))
+    if _require(recipe, "model").get("feature_cache"):
+        _attach_feature_cache(model, recipe["model"]["feature_cache"], settings)
     if settings.get("activation_checkpointing"):
         # non-reentrant: with a frozen LLM the checkpointed layers' inputs need no grad, yet projector grads must flow
         settings.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
@@ -279,11 +294,15 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
             "stage": stage,
             "architecture": architecture,
             "samples": len(dataset),
+            "trainable_parameters": sum(p.numel() for p in trainable.parameters() if p.requires_grad),
             "truncated_samples": dataset.stats.truncated,
             "skipped_samples": dataset.stats.skipped,
             "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),
             "losses": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
         }
+        if model.vision_feature_cache is not None:
+            cache = model.vision_feature_cache
+            report["feature_cache"] = {"directory": str(cache.directory), "hits": cache.hits, "misses": cache.misses}
         (output_dir / "training_report.json").write_text(json.dumps(report, indent=2))
         print(
             f"truncated {dataset.stats.truncated} sample(s) to {dataset.max_length} positions; "
