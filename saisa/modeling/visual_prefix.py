@@ -9,6 +9,7 @@ Visual tokens are keys and values only. Before RoPE, K and V depend on the image
 lets an image KV cache keep them; rotation at wherever the image sits comes last. `VisualPrefix.layer(l)` makes one
 layer's K/V for the batch when asked: in training from inside that layer's own forward (so FSDP and ZeRO-3 have
 gathered its parameters, and one layer's exist at a time), with a KV cache for every layer before the text runs.
+On vLLM the same equation runs inside vLLM's own layers (`saisa.integrations.vllm.model`): the visual rows hold x_l.
 """
 
 from __future__ import annotations
