@@ -364,7 +364,9 @@ def test_full_queue_gets_503_with_retry_after_and_timeouts_are_504(strict):
 
 
 def test_health_answers_fast_while_the_largest_request_is_prepared(tmp_path):
-    """The largest request the default limits accept: 8 images of 4096x4096 (the pixel limit) in one body."""
+    """The largest request the default limits accept: 8 images of 4096x4096 (the pixel limit) in one body. On a
+    machine shared with other work one scheduler hiccup can delay a probe past 100 ms, so a second run is allowed;
+    a server that prepared requests on its event loop would miss both (each preparation takes seconds)."""
     model, processor = tiny_model("saisa"), tiny_chat_processor()
     limits = ServerLimits()
     gradient = np.linspace(0, 255, 4096, dtype=np.uint8)
@@ -375,27 +377,28 @@ def test_health_answers_fast_while_the_largest_request_is_prepared(tmp_path):
     image.save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
     body = {"model": "tiny", "messages": _messages("what ?", [url] * limits.max_images), "max_tokens": 4}
+    worst = []
     with _running(create_app(model, processor, model_name="tiny", limits=limits)) as base, httpx.Client() as probe:
-        idle = []
-        for _ in range(5):
-            start = time.perf_counter()
-            probe.get(base + "/health")
-            idle.append(time.perf_counter() - start)
-        with ThreadPoolExecutor(1) as pool:
-            big = pool.submit(_post, base, body, {"Content-Type": "application/json"}, 300)
-            latencies = []
-            while not big.done():
-                start = time.perf_counter()
-                assert probe.get(base + "/health", timeout=10).status_code == 200
-                latencies.append(time.perf_counter() - start)
-                time.sleep(0.02)
-            assert big.result().status_code == 200, big.result().text
-    print(
-        f"/health while preparing 8 x 4096² images ({len(buffer.getvalue())} bytes each): {len(latencies)} probes, "
-        f"max {max(latencies) * 1000:.1f} ms, median {sorted(latencies)[len(latencies) // 2] * 1000:.1f} ms "
-        f"(idle: max {max(idle) * 1000:.1f} ms)"
-    )
-    assert len(latencies) >= 5 and max(latencies) < 0.1
+        for _ in range(2):
+            with ThreadPoolExecutor(1) as pool:
+                big = pool.submit(_post, base, body, {"Content-Type": "application/json"}, 300)
+                latencies = []
+                while not big.done():
+                    start = time.perf_counter()
+                    assert probe.get(base + "/health", timeout=10).status_code == 200
+                    latencies.append(time.perf_counter() - start)
+                    time.sleep(0.02)
+                assert big.result().status_code == 200, big.result().text
+            assert len(latencies) >= 5  # the preparation took a while: the probes saw it
+            worst.append(max(latencies))
+            median = sorted(latencies)[len(latencies) // 2]
+            print(
+                f"/health while preparing 8 x 4096² images ({len(buffer.getvalue())} bytes each): {len(latencies)} "
+                f"probes, max {max(latencies) * 1000:.1f} ms, median {median * 1000:.1f} ms"
+            )
+            if worst[-1] < 0.1:
+                break
+    assert min(worst) < 0.1, worst
 
 
 def test_stop_strings_logprobs_and_usage(served):
