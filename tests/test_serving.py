@@ -557,3 +557,35 @@ def test_load_with_one_poisoned_request(served):
         outcomes = [ok for batch in pool.map(one_client, range(16)) for ok in batch]
     print(f"16 clients x 8 requests: {time.perf_counter() - start:.1f} s, {_health(served)['batches_run']} groups")
     assert len(outcomes) == 127 and all(outcomes)
+
+
+@pytest.mark.parametrize("architecture", ["saisa", "llava"])
+def test_step_decoder_rows_that_leave_early_leave_the_others_as_generate_makes_them(architecture):
+    """The server's decoding loop against `generate` on each request alone: three rows of 3, 12 and 30 tokens in one
+    batch, each dropped from the batch (and its cache) when done."""
+    from saisa.generation import StepDecoder, user_prompt
+
+    model, processor = tiny_model(architecture), tiny_chat_processor()
+    requests = [("what is this ?", [_png(0)[0]], 3), ("what ?", [], 12), ("is this ?", [_png(1)[0], _png(2)[0]], 30)]
+    prompts = [user_prompt(processor, question, len(images)) for question, images, _ in requests]
+    inputs = processor(prompts, images=[image for _, images, _ in requests for image in images])
+    decoder = StepDecoder(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    rows, answers = [0, 1, 2], [[], [], []]
+    while rows:
+        chosen = decoder.logits.argmax(-1).tolist()
+        keep = []
+        for i, (row, token) in enumerate(zip(rows, chosen, strict=True)):
+            if token == 2:  # EOS
+                continue
+            answers[row].append(token)
+            if len(answers[row]) < requests[row][2]:
+                keep.append(i)
+        if keep and len(keep) < len(rows):
+            decoder.keep(keep)
+        rows = [rows[i] for i in keep]
+        if rows:
+            decoder.step([answers[row][-1] for row in rows])
+    assert [len(answer) for answer in answers] == [3, 12, 30]  # no EOS: rows really left at steps 3 and 12
+    served = {"model": model, "processor": processor}
+    for (question, images, length), answer in zip(requests, answers, strict=True):
+        assert answer == _expected_ids(served, question, images, length)
