@@ -106,8 +106,9 @@ def test_a_prompt_ending_with_an_image_is_refused(plain_llm):
 
 def test_chunked_prefill_smaller_than_an_image_and_prefix_caching_match(saisa_llama):
     model, folder = saisa_llama
-    # 10-token chunks: every 16-token image is split across steps; 32-token blocks (the CPU minimum) are cached
-    llm = start_llm(folder, max_num_batched_tokens=10, enable_prefix_caching=True, block_size=32, max_num_seqs=2)
+    # 8-token chunks of one request at a time: every 16-token image is split across steps, and some steps hold image
+    # rows only (no text row at all); 32-token blocks (the CPU minimum) go to the prefix cache
+    llm = start_llm(folder, max_num_batched_tokens=8, enable_prefix_caching=True, block_size=32, max_num_seqs=1)
     try:
         for _ in range(2):  # the second round reads the first round's blocks from the prefix cache
             outputs = llm.generate([request(*case) for case in CASES.values()], greedy())

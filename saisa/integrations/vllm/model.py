@@ -89,11 +89,9 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         """One (v, d_vis) patch-feature matrix per image (SAISA), or (v, h) projected embeddings (LLaVA)."""
-        pixel_values = kwargs.get("pixel_values")
+        pixel_values = kwargs.get("pixel_values")  # (N, 3, S, S): every image is preprocessed to S x S
         if pixel_values is None:
             return []
-        if isinstance(pixel_values, (list, tuple)):
-            pixel_values = torch.stack(list(pixel_values))
         features = self.vision_tower(pixel_values)  # (N, v, d_vis)
         return list(features if self.saisa else self.project(features))
 
@@ -126,7 +124,7 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
     ) -> torch.Tensor | IntermediateTensors:
         scheduled, self._scheduled_visual = self._scheduled_visual, None
         decoder = self.language_model.model
-        if scheduled is None or intermediate_tensors is not None:  # text only (decode steps too): the plain LLM
+        if scheduled is None:  # no image rows in this step (every decode step too): the plain LLM
             return decoder(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
         rows, features = scheduled
         is_visual = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
