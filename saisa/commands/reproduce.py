@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import time
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         "efficiency_curve": curve,
         "command": "saisa reproduce " + " ".join(_settings_argv(args)),
         "wall_time_s": time.perf_counter() - start,
+        # other work on the machine slows every run alike but stretches the wall times: say how busy it was
+        "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
     }
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "reproduction.json").write_text(json.dumps(result, indent=2))
@@ -353,7 +356,7 @@ def markdown(result: dict) -> str:
         f"Real SmolLM2-135M-Instruct + EfficientNet-Lite0 at {main['visual_tokens']} visual tokens per image; "
         f"Fashion-MNIST images with text made from their labels: {data['align_samples']} align captions, "
         f"{data['instruct_samples']} instruct questions, {data['val_questions']} validation and "
-        f"{data['test_questions']} test questions (disjoint images). fp32 on CPU.",
+        f"{data['test_questions']} test questions (disjoint images). fp32 on CPU; {_machine(result)}",
         "",
         "**Training policy, the same for all three (the paper's):** align trains the projector(s) only "
         f"(lr {data['align_learning_rate']:g}); instruct trains the projector(s) and the whole LLM. Same data, batch "
@@ -364,7 +367,7 @@ def markdown(result: dict) -> str:
         "the data order, not the data.",
         "",
         "| architecture | test accuracy, mean ± std | per seed | blind, per seed | chosen lr (val acc. per lr) "
-        "| trainable params align / instruct | train time per seed (both stages) |",
+        "| trainable params align / instruct | training wall time per seed (both stages, load and save included) |",
         "|---|---|---|---|---|---|---|",
     ]
     for arch in ARCHS:
@@ -422,6 +425,16 @@ def markdown(result: dict) -> str:
         f"{time_ratio:.2f} (paper: 0.74 in GPU hours at v = 576).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _machine(result: dict) -> str:
+    machine = result.get("machine", {})
+    text = f"{machine.get('cpus', '?')} cores"
+    if "load_average_at_end" in machine:
+        text += f", load average {machine['load_average_at_end'][2]:.1f} over the last 15 min of the run"
+    if "note" in machine:
+        text += f" ({machine['note']})"
+    return text + "."
 
 
 def _diff(report: dict, reference: dict) -> str:
