@@ -264,18 +264,17 @@ def test_image_placeholder_in_one_request_fails_only_that_request(served):
 
 @pytest.fixture(scope="module")
 def strict(served):
-    """A second server over the same model with small limits, a one-request queue and a short timeout."""
+    """A second server over the same model with small limits and a short timeout."""
     limits = ServerLimits(
         max_body_bytes=100_000,
         max_images=2,
         max_image_pixels=100 * 100,
         max_aspect_ratio=10,
         max_tokens=LONG,
-        max_queue=1,
-        request_timeout_s=0.5,
+        request_timeout_s=0.2,
         allowed_image_dir=served["allowed"],
     )
-    app = create_app(served["model"], served["processor"], model_name="tiny", limits=limits, max_batch_size=1)
+    app = create_app(served["model"], served["processor"], model_name="tiny", limits=limits)
     with _running(app) as url:
         yield {**served, "url": url, "app": app}
 
@@ -346,21 +345,38 @@ def test_pad_to_square_is_bounded_for_a_one_pixel_strip(served):
     assert served["processor"].preprocess_images([strip]).shape == (1, 3, 16, 16)
 
 
-def test_full_queue_gets_503_with_retry_after_and_timeouts_are_504(strict):
-    """max_batch_size 1, so 2 requests decode at once and 1 waits: a fourth is refused; each times out at 0.5 s."""
+def test_a_full_queue_gets_503_with_retry_after(served):
+    """max_batch_size 1 and a one-request queue: 2 requests decode at once, 1 waits, a fourth is refused at once."""
+    limits = ServerLimits(max_tokens=LONG, max_queue=1)
+    app = create_app(served["model"], served["processor"], model_name="tiny", limits=limits, max_batch_size=1)
     question, seeds = LONG_QUESTION
-    long_body = _body(question, seeds, max_tokens=LONG)
-    with ThreadPoolExecutor(3) as pool:
-        running = [pool.submit(_post, strict["url"], long_body, {"Content-Type": "application/json"})]
-        time.sleep(0.1)
-        running += [pool.submit(_post, strict["url"], long_body, {"Content-Type": "application/json"}) for _ in "ab"]
-        time.sleep(0.15)
-        refused = _post(strict["url"], long_body, {"Content-Type": "application/json"})
-        results = [f.result() for f in running]
+    body = {**_body(question, seeds, max_tokens=LONG), "stream": True}
+    with _running(app) as url, httpx.Client(timeout=60) as client, contextlib.ExitStack() as streams:
+
+        def load() -> tuple[int, int]:
+            health = client.get(url + "/health").json()
+            return health["running"], health["waiting"]
+
+        for expected in [(1, 0), (2, 0), (2, 1)]:  # each admitted before the next comes (the queue holds one)
+            response = streams.enter_context(client.stream("POST", url + "/v1/chat/completions", json=body))
+            assert response.status_code == 200
+            assert _wait_for(lambda expected=expected: load() == expected)
+        start = time.perf_counter()
+        refused = client.post(url + "/v1/chat/completions", json=body)
+        assert time.perf_counter() - start < 1
     assert refused.status_code == 503, refused.text
     assert refused.headers["retry-after"] == "1" and "busy" in refused.json()["error"]["message"]
-    assert [r.status_code for r in results] == [504] * 3, [r.text for r in results]
-    assert results[0].json()["error"]["code"] == "timeout"
+
+
+def test_a_request_past_its_timeout_gets_504_and_stops(strict):
+    """request_timeout_s 0.2 against a request that decodes for a second or more."""
+    question, seeds = LONG_QUESTION
+    before = httpx.get(strict["url"] + "/health").json()
+    reply = _post(strict["url"], _body(question, seeds, max_tokens=LONG), {"Content-Type": "application/json"})
+    assert reply.status_code == 504, reply.text
+    assert reply.json()["error"]["code"] == "timeout" and "longer than 0.2 s" in reply.json()["error"]["message"]
+    assert _wait_for(lambda: httpx.get(strict["url"] + "/health").json()["running"] == 0)
+    assert httpx.get(strict["url"] + "/health").json()["steps_run"] - before["steps_run"] < LONG  # it did not run on
 
 
 def test_health_answers_fast_while_the_largest_request_is_prepared(tmp_path):
@@ -505,14 +521,17 @@ def test_a_disconnected_client_stops_its_generation(served):
     assert _wait_for(lambda: _health(served)["cancelled"] == before["cancelled"] + 2)
 
 
-def test_a_short_request_does_not_wait_for_a_long_one(served):
-    """The short request arrives while the long one decodes; it is answered long before the long one ends."""
+@pytest.mark.parametrize("arrival", ["with", "after"])
+def test_a_short_request_does_not_wait_for_a_long_one(served, arrival):
+    """The short request arrives with the long one (one group) or while it decodes; it is answered long before the
+    long one ends."""
     question, seeds = LONG_QUESTION
     with ThreadPoolExecutor(1) as pool:
         start = time.perf_counter()
         long_reply = pool.submit(_post, served["url"], _body(question, seeds, max_tokens=LONG))
-        assert _wait_for(lambda: _health(served)["running"] == 1)
-        time.sleep(0.1)
+        if arrival == "after":
+            assert _wait_for(lambda: _health(served)["running"] == 1)
+            time.sleep(0.1)
         short_start = time.perf_counter()
         short = _post(served["url"], _body("what ?", [], max_tokens=2))
         short_latency = time.perf_counter() - short_start
@@ -521,13 +540,16 @@ def test_a_short_request_does_not_wait_for_a_long_one(served):
     assert short.status_code == 200 and long_done.status_code == 200
     assert long_done.json()["choices"][0]["finish_reason"] == "length"  # the long one really ran LONG tokens
     assert short.json()["choices"][0]["message"]["content"] == _expected(served, "what ?", [], 2)
-    print(f"short request {short_latency * 1000:.0f} ms while a {LONG}-token one took {long_latency * 1000:.0f} ms")
+    print(
+        f"short request sent {arrival} a {LONG}-token one: {short_latency * 1000:.0f} ms; "
+        f"the long one {long_latency * 1000:.0f} ms"
+    )
     assert short_latency < long_latency / 4
 
 
 def test_load_with_one_poisoned_request(served):
-    """16 clients x 8 mixed requests (0-2 images, 2-24 tokens, streamed or not, stop strings), one poisoned with a
-    literal <image>: every healthy one succeeds with the greedy answer of the same request alone."""
+    """16 clients x 8 mixed requests (0-2 images, 2-24 tokens, streamed or not), one poisoned with a literal
+    <image>: every healthy one succeeds with the greedy answer of the same request alone."""
     questions = [("what is this ?", [0]), ("this is what ?", [1]), ("what ?", []), ("is this ?", [2, 3])]
     lengths = [2, 8, 24]
     expected = {(q, n): _expected(served, q, [_png(s)[0] for s in seeds], n) for q, seeds in questions for n in lengths}
