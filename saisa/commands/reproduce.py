@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite reproduction.md and .png from --docs/reproduction.json"
     )
+    parser.add_argument(
+        "--curve-only", action="store_true", help="only the efficiency curve (minutes): no training, no accuracy table"
+    )
+    parser.add_argument("--note", help="the operator's note, kept in the JSON and printed in the markdown")
     parser.add_argument("--keep-models", action="store_true", help="keep every trained model folder (~0.6 GB each)")
     add_device_arguments(parser)  # for evaluation and timing; training runs where the Trainer finds an accelerator
 
@@ -60,15 +64,22 @@ def run(args: argparse.Namespace) -> int:
         print((docs / "reproduction.md").read_text())
         return 0
     start = time.perf_counter()
-    main = train_and_evaluate(args)
-    curve = efficiency_curve(args.curve_image_sizes, Path(main["data"]["test"]), args.repeats, device=args.device)
+    if args.curve_only:
+        from saisa.data.fashion_mnist import prepare
+
+        main, test = None, prepare(Path(args.workdir) / "data", train_per_class=1, test_per_class=1)["test"]
+    else:
+        main = train_and_evaluate(args)
+        test = Path(main["data"]["test"])
+    curve = efficiency_curve(args.curve_image_sizes, test, args.repeats, device=args.device)
     result = {
         "main": main,
         "efficiency_curve": curve,
-        "command": "saisa reproduce " + " ".join(_settings_argv(args)),
+        "command": "saisa reproduce " + ("--curve-only " if args.curve_only else "") + " ".join(_settings_argv(args)),
         "wall_time_s": time.perf_counter() - start,
         # other work on the machine slows every run alike but stretches the wall times: say how busy it was
         "machine": {"cpus": os.cpu_count(), "load_average_at_end": os.getloadavg()},
+        "note": args.note,
     }
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "reproduction.json").write_text(json.dumps(result, indent=2))
@@ -347,11 +358,65 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def markdown(result: dict) -> str:
     main, curve = result["main"], result["efficiency_curve"]
+    lines = ["# Small-scale reproduction: SAISA vs LLaVA-1.5 vs NAAViT", ""]
+    lines += _main_section(result) if main else _main_not_run(result)
+    lines += [
+        "",
+        "## Efficiency on the same real models (SAISA / LLaVA, measured side by side in one run)",
+        "",
+        "| visual tokens | text tokens | prefill FLOPs (counted) | (analytic) | TTFT | training step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for point in curve:
+        lines.append(
+            f"| {point['visual_tokens']} | {point['saisa']['prompt_text_tokens']} "
+            f"| {point['prefill_flops_ratio']:.2f} | {point['analytic_prefill_flops_ratio']:.2f} "
+            f"| {point['ttft_ratio']:.2f} | {point['train_step_ratio']:.2f} |"
+        )
+    last, first = curve[-1], curve[0]
+    lines += [
+        "",
+        "SmolLM2-135M-Instruct + EfficientNet-Lite0 at 112, 224 and 448 px (untrained projectors: cost does not depend "
+        "on their values), fp32. FLOPs exclude the vision encoder (the same for both) and include the LM head; TTFT is "
+        "one prefill of a real test prompt (batch 1); the training step is forward + backward + AdamW under the "
+        "instruct policy on 4 real samples. Medians of interleaved repeats.",
+        "",
+        "![the efficiency curve](reproduction.png)",
+        "",
+        "## Reading it against the paper",
+        "",
+        f"- **Efficiency.** At v = {last['visual_tokens']} SAISA's prefill FLOPs are "
+        f"{last['prefill_flops_ratio']:.2f}x LLaVA's and its TTFT {last['ttft_ratio']:.2f}x; "
+        f"at v = {first['visual_tokens']} "
+        f"{first['prefill_flops_ratio']:.2f}x and {first['ttft_ratio']:.2f}x. The saving grows with the share of "
+        "visual tokens in the prompt, as the paper's analysis says (its 0.34x is at v = 576, t = 64). A training step "
+        f"costs {first['train_step_ratio']:.2f}x / {last['train_step_ratio']:.2f}x LLaVA's at v = "
+        f"{first['visual_tokens']} / {last['visual_tokens']}: SAISA's per-layer projectors add parameters to the "
+        "optimizer step (the paper's "
+        "0.74x training time is at v = 576).",
+    ]
+    if main:
+        lines += _main_reading(main)
+    return "\n".join(lines) + "\n"
+
+
+def _main_not_run(result: dict) -> list[str]:
+    lines = [
+        f"Written by `{result['command']}` from `reproduction.json` (wall time {result['wall_time_s'] / 60:.0f} min, "
+        f"{_machine(result)[:-1]}).",
+        "",
+        "**The accuracy comparison (`saisa reproduce` without `--curve-only`) has not been run at this commit.**",
+    ]
+    if result.get("note"):
+        lines += ["", result["note"]]
+    return lines
+
+
+def _main_section(result: dict) -> list[str]:
+    main = result["main"]
     archs, data = main["architectures"], main["data"]
     seeds = main["seeds"]
     lines = [
-        "# Small-scale reproduction: SAISA vs LLaVA-1.5 vs NAAViT",
-        "",
         f"Written by `{result['command']}` from `reproduction.json` (wall time {result['wall_time_s'] / 60:.0f} min). "
         f"Real SmolLM2-135M-Instruct + EfficientNet-Lite0 at {main['visual_tokens']} visual tokens per image; "
         f"Fashion-MNIST images with text made from their labels: {data['align_samples']} align captions, "
@@ -384,32 +449,15 @@ def markdown(result: dict) -> str:
             f"| {r['trainable_parameters']['align'] / 1e6:.2f} M / {r['trainable_parameters']['instruct'] / 1e6:.1f} M "
             f"| {' / '.join(f'{t:.0f}' for t in r['train_time_s_per_seed'])} s |"
         )
+    return lines
+
+
+def _main_reading(main: dict) -> list[str]:
+    archs, seeds = main["architectures"], main["seeds"]
     saisa, llava, naavit = (archs[a] for a in ARCHS)
     param_ratio = saisa["trainable_parameters"]["instruct"] / llava["trainable_parameters"]["instruct"]
     time_ratio = statistics.mean(saisa["train_time_s_per_seed"]) / statistics.mean(llava["train_time_s_per_seed"])
-    lines += [
-        "",
-        "## Efficiency on the same real models (SAISA / LLaVA, measured side by side in one run)",
-        "",
-        "| visual tokens | text tokens | prefill FLOPs (counted) | (analytic) | TTFT | training step |",
-        "|---|---|---|---|---|---|",
-    ]
-    for point in curve:
-        lines.append(
-            f"| {point['visual_tokens']} | {point['saisa']['prompt_text_tokens']} "
-            f"| {point['prefill_flops_ratio']:.2f} | {point['analytic_prefill_flops_ratio']:.2f} "
-            f"| {point['ttft_ratio']:.2f} | {point['train_step_ratio']:.2f} |"
-        )
-    lines += [
-        "",
-        "FLOPs exclude the vision encoder (the same for both) and include the LM head; TTFT is one prefill of a real "
-        "test prompt (batch 1); the training step is forward + backward + AdamW on 4 real samples. Medians of "
-        "interleaved repeats.",
-        "",
-        "![accuracy per seed and the efficiency curve](reproduction.png)",
-        "",
-        "## Reading it against the paper",
-        "",
+    return [
         f"- **Accuracy.** SAISA {_diff(saisa, llava)} and NAAViT {_diff(naavit, llava)} against LLaVA-1.5, means over "
         f"{len(seeds)} seeds. {_verdict(saisa, llava)} The paper reports SAISA above LLaVA-1.5 on most benchmarks at "
         "7B scale with 558K + 665K samples; this run has a 135M LLM and a few hundred samples, so it tests whether the "
@@ -417,14 +465,8 @@ def markdown(result: dict) -> str:
         f"- **Trainable parameters.** SAISA's instruct stage trains {param_ratio:.2f}x LLaVA's (its per-layer "
         "projectors); the paper's ratio at Vicuna-7B is about 1.09x. Align trains one shared projector for SAISA, as "
         "LLaVA's one projector.",
-        f"- **Efficiency.** At v = {curve[-1]['visual_tokens']} SAISA's prefill FLOPs are "
-        f"{curve[-1]['prefill_flops_ratio']:.2f}x LLaVA's and its TTFT {curve[-1]['ttft_ratio']:.2f}x; at v = "
-        f"{curve[0]['visual_tokens']} {curve[0]['prefill_flops_ratio']:.2f}x and {curve[0]['ttft_ratio']:.2f}x. The "
-        "saving grows with the share of visual tokens in the prompt, as the paper's analysis says (its 0.34x is at "
-        "v = 576, t = 64). Measured training time over both stages: SAISA / LLaVA "
-        f"{time_ratio:.2f} (paper: 0.74 in GPU hours at v = 576).",
+        f"- **Training time** over both stages: SAISA / LLaVA {time_ratio:.2f} (paper: 0.74 in GPU hours at v = 576).",
     ]
-    return "\n".join(lines) + "\n"
 
 
 def _machine(result: dict) -> str:
@@ -455,30 +497,38 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    archs, curve = result["main"]["architectures"], result["efficiency_curve"]
-    colours = {"saisa": "tab:green", "llava": "tab:blue", "naavit": "tab:orange"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for x, arch in enumerate(ARCHS):
-        per_seed = [100 * a for a in archs[arch]["accuracy_per_seed"]]
-        mean, std = _mean_std(per_seed)
-        axes[0].bar(x, mean, yerr=std, color=colours[arch], capsize=6, alpha=0.8)
-        axes[0].scatter([x] * len(per_seed), per_seed, color="black", zorder=3, s=12)
-        axes[0].bar(x, statistics.mean(100 * a for a in archs[arch]["blind_accuracy_per_seed"]), color="lightgray")
-    axes[0].set_xticks(range(len(ARCHS)), ARCHS)
-    axes[0].set_title(f"test accuracy (%), mean ± std of {len(result['main']['seeds'])} seeds; grey: blind")
+    main, curve = result["main"], result["efficiency_curve"]
+    fig, axes = plt.subplots(1, 2 if main else 1, figsize=(11 if main else 5.5, 3.8), squeeze=False)
+    axes = axes[0]
+    if main:
+        _plot_accuracy(axes[0], main)
+    curve_axis = axes[-1]
     tokens = [p["visual_tokens"] for p in curve]
     for key, label in (
         ("prefill_flops_ratio", "prefill FLOPs"),
         ("ttft_ratio", "TTFT"),
         ("train_step_ratio", "training step"),
     ):
-        axes[1].plot(tokens, [p[key] for p in curve], marker="o", label=label)
-    axes[1].axhline(1.0, color="gray", lw=0.8)
-    axes[1].set_xscale("log")
-    axes[1].set_xticks(tokens, [str(t) for t in tokens])
-    axes[1].set_xlabel("visual tokens per image")
-    axes[1].set_title("SAISA / LLaVA (lower is cheaper)")
-    axes[1].legend(fontsize=8)
+        curve_axis.plot(tokens, [p[key] for p in curve], marker="o", label=label)
+    curve_axis.axhline(1.0, color="gray", lw=0.8)
+    curve_axis.set_xscale("log")
+    curve_axis.set_xticks(tokens, [str(t) for t in tokens])
+    curve_axis.set_xlabel("visual tokens per image")
+    curve_axis.set_title("SAISA / LLaVA (lower is cheaper)")
+    curve_axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_accuracy(axis, main: dict) -> None:
+    archs = main["architectures"]
+    colours = {"saisa": "tab:green", "llava": "tab:blue", "naavit": "tab:orange"}
+    for x, arch in enumerate(ARCHS):
+        per_seed = [100 * a for a in archs[arch]["accuracy_per_seed"]]
+        mean, std = _mean_std(per_seed)
+        axis.bar(x, mean, yerr=std, color=colours[arch], capsize=6, alpha=0.8)
+        axis.scatter([x] * len(per_seed), per_seed, color="black", zorder=3, s=12)
+        axis.bar(x, statistics.mean(100 * a for a in archs[arch]["blind_accuracy_per_seed"]), color="lightgray")
+    axis.set_xticks(range(len(ARCHS)), ARCHS)
+    axis.set_title(f"test accuracy (%), mean ± std of {len(main['seeds'])} seeds; grey: blind")
