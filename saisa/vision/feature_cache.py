@@ -38,7 +38,8 @@ class VisionFeatureCache:
             pixel_values.requires_grad or any(p.requires_grad for p in encoder.parameters())
         ):
             return encoder(pixel_values)  # gradients must reach the encoder or the pixels: nothing to reuse
-        prefix = self.encoder_fingerprint(encoder)
+        # the mode too: an encoder in training mode (dropout, batch statistics) gives other features
+        prefix = f"{self.encoder_fingerprint(encoder)}:training={encoder.training}"
         keys = [hashlib.sha256(f"{prefix}:{image_key(p)}".encode()).hexdigest() for p in pixel_values]
         found = [self._read(key) for key in keys]
         missing = [i for i, features in enumerate(found) if features is None]
