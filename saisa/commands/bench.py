@@ -53,15 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-probe", help=argparse.SUPPRESS)  # internal: measure one model's peak memory
 
 
-def build(name: str, args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """(model, input_ids, pixel_values) for one image followed by t text tokens."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from saisa import SaisaConfig, SaisaForConditionalGeneration
+def bench_configs(args, *, max_positions: int):
+    """(image side, vision config, LLM config) of the bench shape: a LLaMA LLM of the given dimensions, a CLIP tower
+    giving `args.visual_tokens` patch tokens. Shared with the vLLM bench (`saisa.integrations.vllm.bench`)."""
+    from transformers import CLIPVisionConfig, LlamaConfig
 
     side = int(round(args.visual_tokens**0.5))
     assert side * side == args.visual_tokens, "--visual-tokens must be a square"
-    # By default a deliberately small vision tower (its cost is common to all three) that yields v patch tokens;
+    # By default a deliberately small vision tower (its cost is common to all models) that yields v patch tokens;
     # --vision-hidden 1024 --vision-layers 24 gives CLIP ViT-L/14-336's shape.
     vision = CLIPVisionConfig(
         hidden_size=args.vision_hidden,
@@ -78,8 +77,18 @@ def build(name: str, args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]
         num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads or args.heads,
         vocab_size=args.vocab,
-        max_position_embeddings=8192,
+        max_position_embeddings=max_positions,
     )
+    return side, vision, text
+
+
+def build(name: str, args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """(model, input_ids, pixel_values) for one image followed by t text tokens."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from saisa import SaisaConfig, SaisaForConditionalGeneration
+
+    side, vision, text = bench_configs(args, max_positions=8192)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     text_ids = torch.randint(3, args.vocab, (1, args.text_tokens))

@@ -26,30 +26,13 @@ def build_checkpoints(args, root: Path) -> dict[str, Path]:
     """Random-weight saisa and llava folders with the same LLM and vision tower, and a word-level tokenizer."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from saisa import SaisaConfig, SaisaForConditionalGeneration
+    from saisa.commands.bench import bench_configs
     from saisa.processing import SaisaProcessor
 
-    side = int(round(args.visual_tokens**0.5))
-    assert side * side == args.visual_tokens, "--visual-tokens must be a square"
-    vision = CLIPVisionConfig(
-        hidden_size=args.vision_hidden,
-        intermediate_size=4 * args.vision_hidden,
-        num_hidden_layers=args.vision_layers,
-        num_attention_heads=max(1, args.vision_hidden // 64),
-        image_size=side * 14,
-        patch_size=14,
-    )
-    text = LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.ffn,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=4096,
-    )
+    _, vision, text = bench_configs(args, max_positions=4096)
     words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 1000)]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -95,6 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ffn", type=int, default=2752)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, help="default: --heads")
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--vision-hidden", type=int, default=64)
     parser.add_argument("--vision-layers", type=int, default=1)
