@@ -112,14 +112,16 @@ def train_and_evaluate(args: argparse.Namespace) -> dict:
         sweep = per_arch[arch]["learning_rate_sweep"]
         lr = max(sweep, key=lambda row: row["val_accuracy"])["learning_rate"]  # the first of equals: grid order
         runs = [runner.final(arch, seed, lr) for seed in args.seeds]
+        accuracies = [r["accuracy"] for r in runs]
+        mean, std = _mean_std(accuracies)
         per_arch[arch].update(
             instruct_learning_rate=lr,
-            accuracy_per_seed=[r["accuracy"] for r in runs],
+            accuracy_per_seed=accuracies,
+            accuracy_mean=mean,
+            accuracy_std=std,
             blind_accuracy_per_seed=[r["blind_accuracy"] for r in runs],
             train_time_s_per_seed=[r["align_s"] + r["instruct_s"] for r in runs],
             trainable_parameters={"align": runs[0]["align_trainable"], "instruct": runs[0]["instruct_trainable"]},
-            accuracy_mean=statistics.mean(r["accuracy"] for r in runs),
-            accuracy_std=statistics.stdev(r["accuracy"] for r in runs) if len(runs) > 1 else 0.0,
         )
     if not args.keep_models:
         runner.remove_models()
@@ -166,9 +168,9 @@ class Runs:
     def _run(self, arch: str, seed: int, lr: float, *, split: str) -> dict:
         name = f"{arch}-seed{seed}-lr{lr:g}-{split}"
         path = self.results / f"{name}.json"
-        if path.exists() and json.loads(path.read_text()).get("settings") == self.settings:
+        if (finished := self._finished(path)) is not None:
             print(f"reproduce: reusing {path}")
-            return json.loads(path.read_text())
+            return finished
         align_dir, align_s, align_trainable = self._stage(arch, seed, "align", self.args.align_lr, init="embedded")
         instruct_dir, instruct_s, instruct_trainable = self._stage(arch, seed, "instruct", lr, init=str(align_dir))
         scores = self._evaluate(instruct_dir, split, blind=split == "test", out_dir=self.results / name)
@@ -183,6 +185,13 @@ class Runs:
         path.write_text(json.dumps(result, indent=2))
         return result
 
+    def _finished(self, path: Path) -> dict | None:
+        """The JSON a finished run or stage left at `path`, if it was made with these settings."""
+        if not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        return saved if saved.get("settings") == self.settings else None
+
     def remove_models(self) -> None:
         """The trained folders (every result is in `results/`); the sweep's are kept until the choice is made."""
         for folder in self.work.glob("*-seed*-*"):
@@ -194,8 +203,7 @@ class Runs:
 
         out = self.work / f"{arch}-seed{seed}-{stage}" / (f"lr{lr:g}" if stage == "instruct" else "")
         report = out / "training_report.json"
-        if report.exists() and json.loads(report.read_text()).get("settings") == self.settings:
-            saved = json.loads(report.read_text())
+        if (saved := self._finished(report)) is not None:
             return out, saved["wall_time_s"], saved["trainable_parameters"]
         overrides = [
             f"architecture={arch}",
