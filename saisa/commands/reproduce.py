@@ -34,10 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--image-size", type=int, default=224, help="224 px: 7x7 = 49 visual tokens")
     parser.add_argument("--align-per-class", type=int, default=30, help="align captions per class")
-    parser.add_argument("--instruct-per-class", type=int, default=50, help="instruct questions per class")
+    parser.add_argument("--instruct-per-class", type=int, default=30, help="instruct questions per class")
     parser.add_argument("--val-per-class", type=int, default=10, help="validation questions per class (LR choice)")
     parser.add_argument("--test-per-class", type=int, default=20, help="held-out test questions per class")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=4, help="small: more steps for the same compute")
     parser.add_argument("--align-lr", type=float, default=1e-3, help="LLaVA-1.5's align learning rate")
     parser.add_argument(
         "--instruct-lrs", type=float, nargs="+", default=[2e-5, 1e-4], help="the grid searched for every architecture"
