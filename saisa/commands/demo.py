@@ -19,7 +19,7 @@ from saisa.loading import add_device_arguments
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--architecture", choices=["saisa", "llava", "naavit"], default="saisa")
     parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--align-per-class", type=int, default=200, help="align captions per class")
+    parser.add_argument("--align-per-class", type=int, default=400, help="align captions per class (cheap)")
     parser.add_argument("--instruct-per-class", type=int, default=200, help="instruct questions per class")
     parser.add_argument("--test-per-class", type=int, default=50, help="held-out questions per class")
     parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank in instruct (0: projectors only)")
@@ -82,7 +82,7 @@ def run_pipeline(
     arch: str,
     work: Path,
     *,
-    align_per_class: int = 200,
+    align_per_class: int = 400,
     instruct_per_class: int = 200,
     test_per_class: int = 50,
     lora_r: int = 16,
