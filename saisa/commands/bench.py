@@ -192,10 +192,10 @@ def run(args: argparse.Namespace) -> int:
     # No refresh thread: on a 2-core machine it would take CPU from whichever model is being timed.
     with Progress(auto_refresh=False) as progress:
         task = progress.add_task("interleaved repeats", total=args.repeats * len(MODELS))
+        items = list(models.items())
         for repeat in range(args.repeats):
             # every other repeat in reverse order: no model always runs right after the same other model's work
-            order = list(models.items()) if repeat % 2 == 0 else list(models.items())[::-1]
-            for name, (model, ids, pixels) in order:
+            for name, (model, ids, pixels) in items if repeat % 2 == 0 else items[::-1]:
                 with torch.no_grad():
                     timings[name]["prefill_s"].append(_time(partial(prefill, model, ids, pixels), args.device))
                     timings[name]["decode_s"].append(_time(decode(model, ids, pixels, args.decode_tokens), args.device))

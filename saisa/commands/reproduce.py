@@ -415,9 +415,12 @@ def _main_not_run(result: dict) -> list[str]:
         "",
         "**The accuracy comparison (`saisa reproduce` without `--curve-only`) has not been run at this commit.**",
     ]
-    if result.get("note"):
-        lines += ["", result["note"]]
-    return lines
+    return lines + _note(result)
+
+
+def _note(result: dict) -> list[str]:
+    """The operator's note (`--note`) as its own paragraph, if there is one."""
+    return ["", result["note"]] if result.get("note") else []
 
 
 def _main_section(result: dict) -> list[str]:
@@ -430,6 +433,7 @@ def _main_section(result: dict) -> list[str]:
         f"Fashion-MNIST images with text made from their labels: {data['align_samples']} align captions, "
         f"{data['instruct_samples']} instruct questions, {data['val_questions']} validation and "
         f"{data['test_questions']} test questions (disjoint images). fp32 on CPU; {_machine(result)}",
+        *_note(result),
         "",
         "**Training policy, the same for all three (the paper's):** align trains the projector(s) only "
         f"(lr {data['align_learning_rate']:g}); instruct trains the projector(s) and the whole LLM. Same data, batch "
@@ -443,8 +447,6 @@ def _main_section(result: dict) -> list[str]:
         "| trainable params align / instruct | training wall time per seed (both stages, load and save included) |",
         "|---|---|---|---|---|---|---|",
     ]
-    if result.get("note"):
-        lines[1:1] = ["", result["note"]]
     for arch in ARCHS:
         r = archs[arch]
         mean, std = _mean_std(r["accuracy_per_seed"])
@@ -469,7 +471,7 @@ def _main_reading(main: dict) -> list[str]:
     time_ratio = statistics.mean(saisa["train_time_s_per_seed"]) / statistics.mean(llava["train_time_s_per_seed"])
     grid = main["data"]["instruct_learning_rate_grid"]
     at_edge = [arch for arch in ARCHS if archs[arch]["instruct_learning_rate"] in (min(grid), max(grid))]
-    best = max(statistics.mean(archs[arch]["accuracy_per_seed"]) for arch in ARCHS)
+    best = max(archs[arch]["accuracy_mean"] for arch in ARCHS)
     return [
         f"- **Accuracy.** SAISA {_diff(saisa, llava)} and NAAViT {_diff(naavit, llava)} against LLaVA-1.5, means over "
         f"{len(seeds)} seeds. {_verdict(saisa, llava)} The paper reports SAISA above LLaVA-1.5 on most benchmarks at "
