@@ -1,6 +1,6 @@
 """vLLM (in-process engine, eager, fp32) against our transformers model holding the same weights: same greedy tokens,
 same log-probabilities, with images anywhere in the prompt, chunked prefill, prefix caching, every backbone family and
-vision encoder, and the LLaVA-1.5 baseline."""
+vision encoder, and the LLaVA-1.5 and NAAViT baselines."""
 
 from __future__ import annotations
 
@@ -136,12 +136,27 @@ def test_other_backbones_encoders_and_the_llava_baseline_match(tmp_path, archite
         stop_llm(llm)
 
 
-def test_naavit_is_refused_at_load(tmp_path):
+def test_naavit_matches_our_model_with_whole_prompt_prefills(tmp_path):
+    """NAAViT's visual rows see the text before them and themselves only: vLLM's causal kernel alone would give the
+    LLaVA mask, so equal tokens and log-probabilities show the recomputed rows are used (the hook off fails this).
+    vLLM's default compiled mode: steps with image rows must leave the compiled decoder, which would skip the hook."""
+    model = tiny_model("naavit", "llama", "clip")
+    folder = save_checkpoint(model, tmp_path)
+    llm = start_llm(folder, enforce_eager=False, enable_chunked_prefill=False, enable_prefix_caching=False)
+    try:
+        outputs = llm.generate([request(*case) for case in CASES.values()], greedy())  # one batch, several prompts
+        for output, (prompt, images) in zip(outputs, CASES.values(), strict=True):
+            assert_same(model, folder, output, prompt, images)
+    finally:
+        stop_llm(llm)
+
+
+def test_naavit_with_chunked_prefill_or_prefix_caching_is_refused_at_load(tmp_path):
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
     folder = save_checkpoint(tiny_model("naavit"), tmp_path)
     try:
-        with pytest.raises(Exception, match="NAAViT"):  # vLLM may wrap the model's ValueError
-            stop_llm(start_llm(folder))
+        with pytest.raises(Exception, match="whole-prompt prefills"):  # vLLM may wrap the model's ValueError
+            stop_llm(start_llm(folder))  # vLLM's defaults: both on
     finally:
         cleanup_dist_env_and_memory()  # the half-started engine's process groups

@@ -9,7 +9,10 @@ other. Plain causal attention then is SAISA's mask: text before an image cannot 
 Their queries are computed and dropped; `o_proj`, the FFN and the residual stream run on the text rows only.
 
 LLaVA-1.5 (`architecture: llava`) is vLLM's usual path: projected features replace the placeholders' embeddings.
-NAAViT's mask (visual tokens do not see each other) is not causal and is refused.
+NAAViT (`architecture: naavit`) is that path with SAISA.md §2's mask, which vLLM's causal kernels cannot express: they
+run for every row (caching every K/V and giving the text rows their output), then a hook on each layer's attention
+recomputes the visual rows' output over the text before them and themselves. That needs each prompt's earlier K/V in
+the same step, so NAAViT is served with whole-prompt prefills: chunked prefill and prefix caching off (checked at load).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from vllm.config import VllmConfig
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -48,13 +53,11 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config: SaisaConfig = vllm_config.model_config.hf_config
-        if config.architecture == "naavit":
-            raise ValueError(
-                "NAAViT (no attention among visual tokens) needs a non-causal mask that vLLM's attention does not "
-                "take: serve it with `saisa serve`, or serve the saisa or llava architecture"
-            )
         self.config = config
         self.saisa = config.architecture == "saisa"
+        self.naavit = config.architecture == "naavit"
+        if self.naavit:
+            _require_whole_prompt_prefills(vllm_config)
         text = config.text_config
         self.configure_mm_token_handling(vocab_size=text.vocab_size, mm_token_ids=[config.image_token_id])
 
@@ -77,8 +80,14 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         # and taken by the forward right after it (the model runner calls the two in turn for every step).
         self._scheduled_visual: tuple[torch.Tensor, torch.Tensor] | None = None
         self._text_rows: torch.Tensor | None = None  # during a SAISA forward: the rows o_proj keeps
+        # NAAViT: (is_visual (T,) bool, one (first row, rows) span per prompt holding visual rows), set by
+        # embed_input_ids / forward for the step being run
+        self._naavit_rows: torch.Tensor | None = None
+        self._naavit_prompts: list[tuple[int, int]] | None = None
         for layer in self.language_model.model.layers:
             layer.self_attn.o_proj.register_forward_pre_hook(self._o_proj_on_text_rows)
+            if self.naavit:
+                layer.self_attn.attn.register_forward_hook(self._visual_queries_see_text_only)
 
     # -- images ----------------------------------------------------------------------------------------------------
     def project(self, features: torch.Tensor, layer: int | None = None) -> torch.Tensor:
@@ -103,6 +112,8 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         is_multimodal: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if not self.saisa:
+            if self.naavit and multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
+                self._naavit_rows = is_multimodal
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
         embeds = self._embed_text_input_ids(
             input_ids, self.language_model.embed_input_ids, is_multimodal=is_multimodal
@@ -122,8 +133,10 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         inputs_embeds: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor | IntermediateTensors:
-        scheduled, self._scheduled_visual = self._scheduled_visual, None
         decoder = self.language_model.model
+        if self.naavit:
+            return self._naavit_forward(decoder, input_ids, positions, intermediate_tensors, inputs_embeds)
+        scheduled, self._scheduled_visual = self._scheduled_visual, None
         if scheduled is None:  # no image rows in this step (every decode step too): the plain LLM
             return decoder(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
         rows, features = scheduled
@@ -158,8 +171,84 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
             return None
         return (args[0][self._text_rows], *args[1:])  # (T, heads * head_dim) -> (Tt, heads * head_dim)
 
+    def _naavit_forward(self, decoder, input_ids, positions, intermediate_tensors, inputs_embeds):
+        """The plain LLM, with the visual rows' attention recomputed by `_visual_queries_see_text_only`. Steps with
+        image rows call the layers one by one: the compiled decoder would not run the hook's branch."""
+        rows, self._naavit_rows = self._naavit_rows, None
+        if rows is None:  # no image rows in this step (every decode step too)
+            return decoder(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
+        is_visual = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
+        is_visual[: rows.shape[0]] = rows.to(is_visual.device)  # the runner may pad the step beyond its tokens
+        self._naavit_rows, self._naavit_prompts = is_visual, _prompts_with_visual_rows(is_visual)
+        hidden, residual = inputs_embeds, None  # (T, h)
+        try:
+            for layer in decoder.layers:
+                hidden, residual = layer(positions, hidden, residual)
+        finally:
+            self._naavit_rows = self._naavit_prompts = None
+        hidden, _ = decoder.norm(hidden, residual)
+        return hidden
+
+    def _visual_queries_see_text_only(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on every layer's vLLM `Attention` (NAAViT): the causal kernel's output for the visual rows is
+        replaced by attention over the text keys before them and their own key (SAISA.md §2); text rows keep theirs."""
+        if self._naavit_rows is None:
+            return output
+        query, key, value = args[:3]  # (T, Hq * d), (T, Hkv * d), (T, Hkv * d), RoPE applied
+        heads, kv_heads, head_dim = module.num_heads, module.num_kv_heads, module.head_size
+        out = output.view(-1, heads, head_dim)  # (T, Hq, d), written in place
+        for first, length in self._naavit_prompts:
+            span = slice(first, first + length)
+            is_visual = self._naavit_rows[span]  # (n,)
+            visual = is_visual.nonzero().squeeze(1)  # (nv,) offsets of the prompt's visual rows
+            keys = torch.arange(length, device=visual.device)  # (n,)
+            allowed = (keys[None, :] < visual[:, None]) & ~is_visual[None, :]  # (nv, n): earlier text
+            allowed[torch.arange(visual.shape[0]), visual] = True  # and itself
+            q = query[span].view(length, heads, head_dim)[visual].transpose(0, 1)  # (Hq, nv, d)
+            k = key[span].view(length, kv_heads, head_dim).transpose(0, 1)  # (Hkv, n, d)
+            v = value[span].view(length, kv_heads, head_dim).transpose(0, 1)  # (Hkv, n, d)
+            k, v = (t.repeat_interleave(heads // kv_heads, dim=0) for t in (k, v))  # (Hq, n, d)
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=module.impl.scale)
+            out[first + visual] = attended.transpose(0, 1).to(out.dtype)  # (nv, Hq, d)
+        return output
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         return self.language_model.compute_logits(hidden_states)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights)
+
+
+def _require_whole_prompt_prefills(vllm_config: VllmConfig) -> None:
+    """NAAViT's visual rows need every earlier key of their prompt in the same step (`SaisaForVLLM` docstring)."""
+    reasons = []
+    if vllm_config.scheduler_config.enable_chunked_prefill:
+        reasons.append("chunked prefill (--no-enable-chunked-prefill, LLM(..., enable_chunked_prefill=False))")
+    if vllm_config.cache_config.enable_prefix_caching:
+        reasons.append("prefix caching (--no-enable-prefix-caching, LLM(..., enable_prefix_caching=False))")
+    if reasons:
+        raise ValueError(
+            "NAAViT (no attention among visual tokens) is served with whole-prompt prefills only; turn off "
+            + " and ".join(reasons)
+        )
+
+
+def _prompts_with_visual_rows(is_visual: torch.Tensor) -> list[tuple[int, int]]:
+    """(first row, rows) of every scheduled prompt that holds visual rows, from the step's attention metadata; each
+    must be a whole prompt, which `_require_whole_prompt_prefills` guarantees."""
+    metadata = get_forward_context().attn_metadata
+    if isinstance(metadata, list):  # micro-batches
+        raise NotImplementedError("NAAViT on vLLM does not support micro-batching (dual-batch overlap)")
+    metadata = next(iter(metadata.values()))  # every layer's holds the same requests
+    starts = metadata.query_start_loc.tolist()  # (R + 1,)
+    seq_lens = metadata.seq_lens.tolist()  # (R,)
+    prompts = []
+    for first, end, seq_len in zip(starts[:-1], starts[1:], seq_lens, strict=True):
+        if is_visual[first:end].any():
+            if seq_len != end - first:
+                raise RuntimeError(
+                    f"NAAViT: a prompt with images was scheduled in part ({end - first} of {seq_len} tokens); "
+                    "its visual rows need the whole prompt in one step"
+                )
+            prompts.append((first, end - first))
+    return prompts
