@@ -10,9 +10,20 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OLDEST_TRANSFORMERS=5.19.0  # keep in step with pyproject.toml's floor
 
+need_space() {  # need_space VENV MIB: stop with a clear message before a new environment fills the disk halfway
+    local free_mib
+    [ -x "$1/bin/python" ] && return 0
+    free_mib=$(df -Pm . | awk 'NR == 2 {print $4}')
+    if [ "$free_mib" -lt "$2" ]; then
+        echo "setup: $1 needs about $2 MiB of disk and $free_mib MiB are free here; free some and re-run" >&2
+        exit 1
+    fi
+}
+
 install() {  # install VENV [extra requirement, e.g. a transformers pin]
     local venv=$1 pip
     shift
+    need_space "$venv" 2600  # 2.1 GiB installed, the rest pip's unpacking
     [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
     pip="$venv/bin/python -m pip install -q -c constraints.txt"
     "$venv/bin/python" -m pip install -q --upgrade pip
@@ -32,6 +43,7 @@ install() {  # install VENV [extra requirement, e.g. a transformers pin]
 
 install_vllm() {  # vLLM pins its own torch and transformers range, so it lives in its own environment
     local venv=.venv-vllm pip
+    need_space "$venv" 4500  # 3.7 GiB installed
     [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
     pip="$venv/bin/python -m pip install -q -c constraints.txt"
     "$venv/bin/python" -m pip install -q --upgrade pip
