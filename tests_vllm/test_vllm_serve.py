@@ -1,5 +1,5 @@
-"""vLLM's OpenAI server on a saisa checkpoint, driven by the official `openai` client with an image: the answer,
-streamed or not, is our model's greedy answer."""
+"""vLLM's OpenAI server on a SAISA and a NAAViT checkpoint, driven by the official `openai` client with an image: the
+answer, streamed or not, is our model's greedy answer."""
 
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from saisa.processing import SaisaProcessor
 MAX_TOKENS = 6
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = tiny_model("saisa", "llama", "clip")
+@pytest.fixture(scope="module", params=["saisa", "naavit"])
+def server(tmp_path_factory, request):
+    model = tiny_model(request.param, "llama", "clip")
     folder = save_checkpoint(model, tmp_path_factory.mktemp("served"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -36,6 +36,8 @@ def server(tmp_path_factory):
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     command += ["--served-model-name", "tiny", "--port", str(port), "--dtype", "float32", "--max-model-len", "512"]
     # not --enforce-eager: the default, where text and decode steps run vLLM's compiled Llama, image steps ours
+    if request.param == "naavit":
+        command += ["--no-enable-chunked-prefill", "--no-enable-prefix-caching"]  # whole-prompt prefills
     log = open(folder / "server.log", "w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
     url = f"http://127.0.0.1:{port}"
