@@ -91,7 +91,7 @@ def run_pipeline(
     dtype: str | None = None,
 ) -> dict:
     """Prepare data, train align then instruct, evaluate with and without the image; returns the report."""
-    from saisa.data.fashion_mnist import prepare
+    from saisa.data.fashion_mnist import keep_first_records, prepare
     from saisa.evaluation import evaluate
     from saisa.loading import load_pretrained
     from saisa.training import load_recipe, run_training
@@ -103,8 +103,8 @@ def run_pipeline(
         test_per_class=test_per_class,
         seed=seed,
     )
-    _subsample(data["instruct"], instruct_per_class * 10)
-    _subsample(data["align"], align_per_class * 10)
+    keep_first_records(data["instruct"], instruct_per_class * 10)
+    keep_first_records(data["align"], align_per_class * 10)
     timings["data_s"] = time.perf_counter() - start
 
     common = [f"architecture={arch}", f"data.image_folder={work / 'data'}", f"training.seed={seed}"]
@@ -157,9 +157,3 @@ def run_pipeline(
     }
     (work / f"{arch}-demo.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def _subsample(path: Path, count: int) -> None:
-    """Keep the first `count` records (the file is already class-balanced and shuffled)."""
-    records = json.loads(path.read_text())
-    path.write_text(json.dumps(records[:count]))

@@ -91,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 # -- training and evaluation ----------------------------------------------------------------------------------------
 def train_and_evaluate(args: argparse.Namespace) -> dict:
-    from saisa.commands.demo import _subsample
-    from saisa.data.fashion_mnist import prepare
+    from saisa.data.fashion_mnist import keep_first_records, prepare
 
     work = Path(args.workdir)
     data = prepare(
@@ -102,8 +101,8 @@ def train_and_evaluate(args: argparse.Namespace) -> dict:
         test_per_class=args.test_per_class,
         seed=0,  # one data set for every seed: seeds vary initialisation and order, not the questions
     )
-    _subsample(data["align"], args.align_per_class * 10)
-    _subsample(data["instruct"], args.instruct_per_class * 10)
+    keep_first_records(data["align"], args.align_per_class * 10)
+    keep_first_records(data["instruct"], args.instruct_per_class * 10)
     runner = Runs(work, data, args)
     per_arch = {}
     for arch in ARCHS:  # seed 0 of every architecture first: a partial run already compares all three

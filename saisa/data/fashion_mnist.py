@@ -94,6 +94,12 @@ def prepare(
     return paths
 
 
+def keep_first_records(path: Path, count: int) -> None:
+    """Keep the first `count` records of a `prepare` JSON file (class-balanced and shuffled: any prefix is too)."""
+    records = json.loads(path.read_text())
+    path.write_text(json.dumps(records[:count]))
+
+
 def _write_image(out: Path, split: str, index: int, images: np.ndarray) -> str:
     name = f"images/{split}_{index}.png"
     if not (out / name).exists():
