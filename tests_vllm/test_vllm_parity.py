@@ -1,6 +1,6 @@
-"""vLLM (in-process engine, eager, fp32) against our transformers model holding the same weights: same greedy tokens,
-same log-probabilities, with images anywhere in the prompt, chunked prefill, prefix caching, every backbone family and
-vision encoder, and the LLaVA-1.5 and NAAViT baselines."""
+"""vLLM (in-process engine, fp32, eager unless a test says otherwise) against our transformers model holding the same
+weights: same greedy tokens, same log-probabilities, with images anywhere in the prompt, chunked prefill, prefix
+caching, every backbone family and vision encoder, and the LLaVA-1.5 and NAAViT baselines."""
 
 from __future__ import annotations
 
