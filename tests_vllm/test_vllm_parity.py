@@ -4,6 +4,8 @@ caching, every backbone family and vision encoder, and the LLaVA-1.5 and NAAViT 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -34,19 +36,25 @@ def request(prompt: str, images: list) -> dict:
     return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else {"prompt": prompt}
 
 
-def reference(model, folder, prompt: str, images: list) -> tuple[list[int], list[torch.Tensor]]:
-    """Our model's greedy tokens and, per position, its log-probabilities from the raw logits."""
+def reference(model, folder, prompt: str, images: list, length: int = 0) -> tuple[list[int], list[torch.Tensor]]:
+    """Our model's greedy tokens (exactly `length` if given: EOS masked until then) and, per position, its
+    log-probabilities from the raw logits."""
     inputs = SaisaProcessor.from_pretrained(folder)(prompt, images=images or None)
     with torch.no_grad():
         out = model.generate(
-            **inputs, max_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True
+            **inputs,
+            max_new_tokens=length or MAX_TOKENS,
+            min_new_tokens=length,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
     tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
     return tokens, [torch.log_softmax(logits[0].double(), -1) for logits in out.logits]
 
 
-def assert_same(model, folder, output, prompt: str, images: list) -> None:
-    tokens, logprobs = reference(model, folder, prompt, images)
+def assert_same(model, folder, output, prompt: str, images: list, length: int = 0) -> None:
+    tokens, logprobs = reference(model, folder, prompt, images, length)
     completion = output.outputs[0]
     assert list(completion.token_ids) == tokens
     worst = max(
@@ -136,19 +144,44 @@ def test_other_backbones_encoders_and_the_llava_baseline_match(tmp_path, archite
         stop_llm(llm)
 
 
-def test_naavit_matches_our_model_with_whole_prompt_prefills(tmp_path):
+# prompts with 0-3 images: at the start, back to back, between text
+CROWD = [
+    ("<image> what is this ?\nassistant:", 1),
+    ("user: <image><image> and <image> ?\nassistant:", 3),
+    ("user: what is this <image> and this <image> ?\nassistant:", 2),
+    ("user: tell me\nassistant:", 0),
+    ("user: x <image> y <image> z <image> w\nassistant:", 3),
+    ("user: a <image> b\nassistant:", 1),
+]
+
+
+def test_naavit_matches_our_model_under_preemption(tmp_path, monkeypatch):
     """NAAViT's visual rows see the text before them and themselves only: vLLM's causal kernel alone would give the
     LLaVA mask, so equal tokens and log-probabilities show the recomputed rows are used (the hook off fails this).
-    vLLM's default compiled mode: steps with image rows must leave the compiled decoder, which would skip the hook."""
+    Six requests at once, 3 running at most and 6 KV blocks of 32: requests are preempted and recomputed, steps mix
+    decodes with image prefills. vLLM's default compiled mode: image steps must leave the compiled decoder."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    preempted = []
+    preempt = Scheduler._preempt_request
+    monkeypatch.setattr(
+        Scheduler, "_preempt_request", lambda self, req, *a, **k: preempted.append(req) or preempt(self, req, *a, **k)
+    )
     model = tiny_model("naavit", "llama", "clip")
     folder = save_checkpoint(model, tmp_path)
-    llm = start_llm(folder, enforce_eager=False, enable_chunked_prefill=False, enable_prefix_caching=False)
+    cases = [(prompt, [image(10 * i + j) for j in range(n)]) for i, (prompt, n) in enumerate(CROWD)]
+    whole_prompts = dict(enable_chunked_prefill=False, enable_prefix_caching=False)
+    tight = dict(max_model_len=128, max_num_batched_tokens=128, max_num_seqs=3, num_gpu_blocks_override=6)
+    llm = start_llm(folder, enforce_eager=False, block_size=32, **whole_prompts, **tight)
     try:
-        outputs = llm.generate([request(*case) for case in CASES.values()], greedy())  # one batch, several prompts
-        for output, (prompt, images) in zip(outputs, CASES.values(), strict=True):
-            assert_same(model, folder, output, prompt, images)
+        length = 24  # long enough to outgrow the KV blocks
+        params = SamplingParams(max_tokens=length, min_tokens=length, temperature=0, logprobs=TOP)
+        outputs = llm.generate([request(*case) for case in cases], params)
+        for output, (prompt, images) in zip(outputs, cases, strict=True):
+            assert_same(model, folder, output, prompt, images, length)
     finally:
         stop_llm(llm)
+    assert preempted, "no request was preempted: the test lost its point"
 
 
 def test_naavit_with_chunked_prefill_or_prefix_caching_is_refused_at_load(tmp_path):
@@ -160,3 +193,57 @@ def test_naavit_with_chunked_prefill_or_prefix_caching_is_refused_at_load(tmp_pa
             stop_llm(start_llm(folder))  # vLLM's defaults: both on
     finally:
         cleanup_dist_env_and_memory()  # the half-started engine's process groups
+
+
+def _vllm_config(scheduler: dict | None = None, kv_transfer_config=None) -> SimpleNamespace:
+    """The parts of a VllmConfig NAAViT's load check reads, set for whole-prompt prefills unless changed."""
+    whole = {"enable_chunked_prefill": False, "async_scheduling": False, "long_prefill_token_threshold": 0}
+    return SimpleNamespace(
+        scheduler_config=SimpleNamespace(**{**whole, **(scheduler or {})}),
+        cache_config=SimpleNamespace(enable_prefix_caching=False),
+        kv_transfer_config=kv_transfer_config,
+    )
+
+
+@pytest.mark.parametrize(
+    "change, flag",
+    [
+        ({"scheduler": {"async_scheduling": True}}, "--no-async-scheduling"),  # vLLM's GPU default; CPU forces it off
+        ({"scheduler": {"long_prefill_token_threshold": 24}}, "--long-prefill-token-threshold 0"),
+        ({"kv_transfer_config": object()}, "--kv-transfer-config"),
+    ],
+)
+def test_naavit_refuses_each_setting_that_lets_the_scheduler_split_a_prompt(change, flag):
+    """Settings the CPU engine cannot take, checked on the config alone."""
+    from saisa.integrations.vllm.model import _require_whole_prompt_prefills
+
+    _require_whole_prompt_prefills(_vllm_config())
+    with pytest.raises(ValueError, match=flag):
+        _require_whole_prompt_prefills(_vllm_config(**change))
+
+
+@pytest.mark.parametrize("mode", ["FULL", "FULL_AND_PIECEWISE", "PIECEWISE", "FULL_DECODE_ONLY", "NONE"])
+def test_full_cuda_graphs_for_prefill_steps_are_refused(mode):
+    """A full graph captured on a text-only batch would replay it for an image step, skipping the image code."""
+    from vllm.config import CUDAGraphMode
+
+    from saisa.integrations.vllm.model import _refuse_full_cuda_graphs_for_image_steps
+
+    config = SimpleNamespace(compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[mode]))
+    if mode == "FULL":
+        with pytest.raises(ValueError, match="full CUDA graphs"):
+            _refuse_full_cuda_graphs_for_image_steps(config)
+    else:
+        _refuse_full_cuda_graphs_for_image_steps(config)
+
+
+def test_prompt_spans_come_from_positions_and_a_split_prompt_is_caught():
+    from saisa.integrations.vllm.model import _prompts_with_visual_rows
+
+    # a decode row (position 9), a whole prompt [text, img, img, text], a decode row, a whole prompt [img, text]
+    positions = torch.tensor([9, 0, 1, 2, 3, 30, 0, 1])
+    is_visual = torch.tensor([False, False, True, True, False, False, True, False])
+    assert _prompts_with_visual_rows(is_visual, positions) == [(1, 3), (6, 1)]  # up to each prompt's last image row
+    split = torch.tensor([9, 4, 5, 6, 7, 30, 0, 1])  # the first prompt resumes at position 4: its text is elsewhere
+    with pytest.raises(RuntimeError, match="not prefilled whole"):
+        _prompts_with_visual_rows(is_visual, split)

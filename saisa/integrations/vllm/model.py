@@ -12,7 +12,8 @@ LLaVA-1.5 (`architecture: llava`) is vLLM's usual path: projected features repla
 NAAViT (`architecture: naavit`) is that path with SAISA.md §2's mask, which vLLM's causal kernels cannot express: they
 run for every row (caching every K/V and giving the text rows their output), then a hook on each layer's attention
 recomputes the visual rows' output over the text before them and themselves. That needs each prompt's earlier K/V in
-the same step, so NAAViT is served with whole-prompt prefills: chunked prefill and prefix caching off (checked at load).
+the same step, so NAAViT is served with whole-prompt prefills: chunked prefill, prefix caching, async scheduling and
+every other way to split a prompt off (checked at load).
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from vllm.config import VllmConfig
-from vllm.forward_context import get_forward_context
+from vllm.config import CUDAGraphMode, VllmConfig
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
@@ -56,6 +56,7 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         self.config = config
         self.saisa = config.architecture == "saisa"
         self.naavit = config.architecture == "naavit"
+        _refuse_full_cuda_graphs_for_image_steps(vllm_config)
         if self.naavit:
             _require_whole_prompt_prefills(vllm_config)
         text = config.text_config
@@ -80,8 +81,8 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         # and taken by the forward right after it (the model runner calls the two in turn for every step).
         self._scheduled_visual: tuple[torch.Tensor, torch.Tensor] | None = None
         self._text_rows: torch.Tensor | None = None  # during a SAISA forward: the rows o_proj keeps
-        # NAAViT: (is_visual (T,) bool, one (first row, rows) span per prompt holding visual rows), set by
-        # embed_input_ids / forward for the step being run
+        # NAAViT: is_visual (T,) bool and, per prompt holding visual rows, (first row, rows up to its last visual
+        # row), set by embed_input_ids / forward for the step being run
         self._naavit_rows: torch.Tensor | None = None
         self._naavit_prompts: list[tuple[int, int]] | None = None
         for layer in self.language_model.model.layers:
@@ -179,7 +180,7 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
             return decoder(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
         is_visual = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
         is_visual[: rows.shape[0]] = rows.to(is_visual.device)  # the runner may pad the step beyond its tokens
-        self._naavit_rows, self._naavit_prompts = is_visual, _prompts_with_visual_rows(is_visual)
+        self._naavit_rows, self._naavit_prompts = is_visual, _prompts_with_visual_rows(is_visual, positions)
         hidden, residual = inputs_embeds, None  # (T, h)
         try:
             for layer in decoder.layers:
@@ -219,36 +220,53 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         return AutoWeightsLoader(self).load_weights(weights)
 
 
-def _require_whole_prompt_prefills(vllm_config: VllmConfig) -> None:
-    """NAAViT's visual rows need every earlier key of their prompt in the same step (`SaisaForVLLM` docstring)."""
-    reasons = []
-    if vllm_config.scheduler_config.enable_chunked_prefill:
-        reasons.append("chunked prefill (--no-enable-chunked-prefill, LLM(..., enable_chunked_prefill=False))")
-    if vllm_config.cache_config.enable_prefix_caching:
-        reasons.append("prefix caching (--no-enable-prefix-caching, LLM(..., enable_prefix_caching=False))")
-    if reasons:
+def _refuse_full_cuda_graphs_for_image_steps(vllm_config: VllmConfig) -> None:
+    """Steps with image rows run Python code (the layer loop, NAAViT's hook) that a full CUDA graph captured on a
+    text-only dummy batch would skip; vLLM's default sends such steps to piecewise graphs, where it runs."""
+    mode = vllm_config.compilation_config.cudagraph_mode
+    if mode is not None and mode.mixed_mode() == CUDAGraphMode.FULL:
         raise ValueError(
-            "NAAViT (no attention among visual tokens) is served with whole-prompt prefills only; turn off "
-            + " and ".join(reasons)
+            f"saisa models cannot run prefill steps in full CUDA graphs (cudagraph_mode {mode}): use the default "
+            "FULL_AND_PIECEWISE, or PIECEWISE / FULL_DECODE_ONLY"
         )
 
 
-def _prompts_with_visual_rows(is_visual: torch.Tensor) -> list[tuple[int, int]]:
-    """(first row, rows) of every scheduled prompt that holds visual rows, from the step's attention metadata; each
-    must be a whole prompt, which `_require_whole_prompt_prefills` guarantees."""
-    metadata = get_forward_context().attn_metadata
-    if isinstance(metadata, list):  # micro-batches
-        raise NotImplementedError("NAAViT on vLLM does not support micro-batching (dual-batch overlap)")
-    metadata = next(iter(metadata.values()))  # every layer's holds the same requests
-    starts = metadata.query_start_loc.tolist()  # (R + 1,)
-    seq_lens = metadata.seq_lens.tolist()  # (R,)
+def _require_whole_prompt_prefills(vllm_config: VllmConfig) -> None:
+    """NAAViT's visual rows need every earlier key of their prompt in the same step (`SaisaForVLLM` docstring): every
+    setting that lets the scheduler start a prompt with images in one step and finish it in another is refused."""
+    scheduler = vllm_config.scheduler_config
+    reasons = []
+    if scheduler.enable_chunked_prefill:
+        reasons.append("chunked prefill (--no-enable-chunked-prefill, LLM(..., enable_chunked_prefill=False))")
+    if vllm_config.cache_config.enable_prefix_caching:
+        reasons.append("prefix caching (--no-enable-prefix-caching, LLM(..., enable_prefix_caching=False))")
+    if scheduler.async_scheduling:  # plans a step before the last one frees its encoder cache: cuts before an image
+        reasons.append("async scheduling (--no-async-scheduling, LLM(..., async_scheduling=False))")
+    if scheduler.long_prefill_token_threshold or getattr(scheduler, "long_prefill_token_threshold_adaptive", False):
+        reasons.append("a long-prefill token threshold (--long-prefill-token-threshold 0)")
+    if vllm_config.kv_transfer_config is not None:
+        reasons.append("a KV connector (--kv-transfer-config), which loads part of a prompt from elsewhere")
+    if reasons:
+        raise ValueError(
+            "NAAViT (no attention among visual tokens) is served with whole-prompt prefills only; turn off "
+            + ", ".join(reasons)
+        )
+
+
+def _prompts_with_visual_rows(is_visual: torch.Tensor, positions: torch.Tensor) -> list[tuple[int, int]]:
+    """(first row, rows up to its last visual row) of every prompt in the step that holds visual rows. Such a prompt is
+    prefilled whole (`_require_whole_prompt_prefills`), so it starts at position 0 and a visual row's prompt starts
+    `position` rows before it: no attention backend's metadata is needed. Checked, since a part-prefilled prompt
+    would silently attend to another request's rows."""
+    visual = is_visual.nonzero().squeeze(1)  # (Tv,)
+    starts = visual - positions[visual]  # (Tv,) first row of each visual row's prompt
     prompts = []
-    for first, end, seq_len in zip(starts[:-1], starts[1:], seq_lens, strict=True):
-        if is_visual[first:end].any():
-            if seq_len != end - first:
-                raise RuntimeError(
-                    f"NAAViT: a prompt with images was scheduled in part ({end - first} of {seq_len} tokens); "
-                    "its visual rows need the whole prompt in one step"
-                )
-            prompts.append((first, end - first))
+    for first in starts.unique().tolist():
+        end = int(visual[starts == first].max()) + 1
+        expected = torch.arange(end - first, device=positions.device)
+        if first < 0 or not torch.equal(positions[max(first, 0) : end], expected):
+            raise RuntimeError(
+                "NAAViT: a prompt with images was not prefilled whole in one step; its visual rows need all of it"
+            )
+        prompts.append((first, end - first))
     return prompts
