@@ -208,8 +208,9 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
             q = query[span].view(length, heads, head_dim)[visual].transpose(0, 1)  # (Hq, nv, d)
             k = key[span].view(length, kv_heads, head_dim).transpose(0, 1)  # (Hkv, n, d)
             v = value[span].view(length, kv_heads, head_dim).transpose(0, 1)  # (Hkv, n, d)
-            k, v = (t.repeat_interleave(heads // kv_heads, dim=0) for t in (k, v))  # (Hq, n, d)
-            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=module.impl.scale)
+            attended = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, scale=module.impl.scale, enable_gqa=True
+            )  # (Hq, nv, d)
             out[first + visual] = attended.transpose(0, 1).to(out.dtype)  # (nv, Hq, d)
         return output
 
