@@ -81,10 +81,11 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         # and taken by the forward right after it (the model runner calls the two in turn for every step).
         self._scheduled_visual: tuple[torch.Tensor, torch.Tensor] | None = None
         self._text_rows: torch.Tensor | None = None  # during a SAISA forward: the rows o_proj keeps
-        # NAAViT: is_visual (T,) bool and, per prompt holding visual rows, (first row, rows up to its last visual
-        # row), set by embed_input_ids / forward for the step being run
+        # NAAViT: the step's is_multimodal, set by embed_input_ids and taken by forward; then, during the forward,
+        # per prompt holding visual rows: (first row, rows up to its last visual row, visual offsets (nv,),
+        # keys each may see (nv, n))
         self._naavit_rows: torch.Tensor | None = None
-        self._naavit_prompts: list[tuple[int, int]] | None = None
+        self._naavit_prompts: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None = None
         for layer in self.language_model.model.layers:
             layer.self_attn.o_proj.register_forward_pre_hook(self._o_proj_on_text_rows)
             if self.naavit:
@@ -141,8 +142,7 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         if scheduled is None:  # no image rows in this step (every decode step too): the plain LLM
             return decoder(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
         rows, features = scheduled
-        is_visual = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
-        is_visual[: rows.shape[0]] = rows  # the runner may pad the step beyond its scheduled tokens
+        is_visual = _padded_to_step(rows, inputs_embeds)  # (T,)
         text_rows = (~is_visual).nonzero().squeeze(1)  # (Tt,)
         visual_rows = is_visual.nonzero().squeeze(1)  # (Tv,), Tv = features.shape[0]
         hidden, residual = inputs_embeds[text_rows], None  # (Tt, h): the residual stream is the text's alone
@@ -178,33 +178,35 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         rows, self._naavit_rows = self._naavit_rows, None
         if rows is None:  # no image rows in this step (every decode step too)
             return decoder(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds)
-        is_visual = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
-        is_visual[: rows.shape[0]] = rows.to(is_visual.device)  # the runner may pad the step beyond its tokens
-        self._naavit_rows, self._naavit_prompts = is_visual, _prompts_with_visual_rows(is_visual, positions)
+        is_visual = _padded_to_step(rows, inputs_embeds)  # (T,)
+        # what every layer's hook needs, made once per step: per prompt, its visual rows and the keys they may see
+        self._naavit_prompts = []
+        for first, length in _prompts_with_visual_rows(is_visual, positions):
+            in_prompt = is_visual[first : first + length]  # (n,)
+            visual = in_prompt.nonzero().squeeze(1)  # (nv,) offsets of the prompt's visual rows
+            keys = torch.arange(length, device=visual.device)  # (n,)
+            allowed = (keys[None, :] < visual[:, None]) & ~in_prompt[None, :]  # (nv, n): earlier text
+            allowed[torch.arange(visual.shape[0]), visual] = True  # and itself
+            self._naavit_prompts.append((first, length, visual, allowed))
         hidden, residual = inputs_embeds, None  # (T, h)
         try:
             for layer in decoder.layers:
                 hidden, residual = layer(positions, hidden, residual)
         finally:
-            self._naavit_rows = self._naavit_prompts = None
+            self._naavit_prompts = None
         hidden, _ = decoder.norm(hidden, residual)
         return hidden
 
     def _visual_queries_see_text_only(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on every layer's vLLM `Attention` (NAAViT): the causal kernel's output for the visual rows is
         replaced by attention over the text keys before them and their own key (SAISA.md §2); text rows keep theirs."""
-        if self._naavit_rows is None:
+        if self._naavit_prompts is None:
             return output
         query, key, value = args[:3]  # (T, Hq * d), (T, Hkv * d), (T, Hkv * d), RoPE applied
         heads, kv_heads, head_dim = module.num_heads, module.num_kv_heads, module.head_size
         out = output.view(-1, heads, head_dim)  # (T, Hq, d), written in place
-        for first, length in self._naavit_prompts:
+        for first, length, visual, allowed in self._naavit_prompts:
             span = slice(first, first + length)
-            is_visual = self._naavit_rows[span]  # (n,)
-            visual = is_visual.nonzero().squeeze(1)  # (nv,) offsets of the prompt's visual rows
-            keys = torch.arange(length, device=visual.device)  # (n,)
-            allowed = (keys[None, :] < visual[:, None]) & ~is_visual[None, :]  # (nv, n): earlier text
-            allowed[torch.arange(visual.shape[0]), visual] = True  # and itself
             q = query[span].view(length, heads, head_dim)[visual].transpose(0, 1)  # (Hq, nv, d)
             k = key[span].view(length, kv_heads, head_dim).transpose(0, 1)  # (Hkv, n, d)
             v = value[span].view(length, kv_heads, head_dim).transpose(0, 1)  # (Hkv, n, d)
@@ -219,6 +221,13 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         return AutoWeightsLoader(self).load_weights(weights)
+
+
+def _padded_to_step(rows: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+    """The step's is_multimodal (scheduled tokens) as a (T,) mask over every row: the runner may pad the step."""
+    is_visual = torch.zeros(inputs_embeds.shape[0], dtype=torch.bool, device=inputs_embeds.device)
+    is_visual[: rows.shape[0]] = rows.to(is_visual.device)
+    return is_visual
 
 
 def _refuse_full_cuda_graphs_for_image_steps(vllm_config: VllmConfig) -> None:
