@@ -264,6 +264,7 @@ def _run_plan(plan_path: str) -> None:
         os.environ.update(clean_env)
         unset_hf_deepspeed_config()
         dist.barrier()
+    dist.destroy_process_group()  # before exit, else a rank may abort in gloo's threads while its peer still runs
 
 
 if __name__ == "__main__":

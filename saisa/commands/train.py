@@ -34,4 +34,18 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key):
             overrides.append(f"{key}={getattr(args, key)}")
     run_training(load_recipe(args.recipe, overrides), resume=args.resume)
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun: wait for every rank, then tear the process group down before the interpreter exits.
+
+    A rank that exits with gloo's threads still live (its peer still saving) can abort in C++ ("terminate called
+    without an active exception", seen in CI), failing a run whose training had finished on every rank.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
