@@ -1,4 +1,5 @@
-"""The command line: `saisa --help` answers without loading torch (it imports no verb's module)."""
+"""The command line: `saisa --help` answers without loading torch (it imports no verb's module); `saisa train` leaves no
+process group behind."""
 
 from __future__ import annotations
 
