@@ -86,10 +86,11 @@ def test_extract_choice(prediction, expected):
 
 
 def test_yes_no_and_pope_metrics_by_hand():
-    assert [yes_no(x) for x in ("Yes, there is.", "No.", "There is not", "maybe")] == ["yes", "no", "no", None]
-    predictions = ["yes", "yes", "no", None, "yes"]
+    # "maybe" says neither: the official POPE rule counts it as yes (this test used to expect None, counted as no)
+    assert [yes_no(x) for x in ("Yes, there is.", "No.", "There is not", "maybe")] == ["yes", "no", "no", "yes"]
+    predictions = ["yes", "yes", "no", "no", "yes"]
     labels = ["yes", "no", "yes", "no", "yes"]
-    # tp=2 fp=1 fn=1 tn=1 (None counts as no)
+    # tp=2 fp=1 fn=1 tn=1
     metrics = pope_metrics(predictions, labels)
     assert metrics["accuracy"] == pytest.approx(3 / 5)
     assert metrics["precision"] == pytest.approx(2 / 3) and metrics["recall"] == pytest.approx(2 / 3)
@@ -143,7 +144,7 @@ def test_pope_metrics_are_per_row_whatever_the_question_ids(tmp_path):
     assert [r["where"] for r in records] == [f"{path}:{i}" for i in range(1, 5)]
     said = [yes_no(r["prediction"]) for r in records]  # independently re-parsed from the predictions
     assert metrics["pope"] == pope_metrics(said, [r["label"] for r in rows])
-    if all(s != "yes" for s in said):  # what the tiny model answers: "no" (unparsable) everywhere
+    if len(set(said)) == 1:  # what the tiny model answers: the same verdict (no "no"/"not": yes) everywhere
         assert metrics["pope"]["accuracy"] == 0.5
 
 

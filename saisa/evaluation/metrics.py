@@ -1,17 +1,19 @@
-"""Answer extraction and metrics in the formats the field uses.
+"""Answer extraction and metrics in the formats the field uses (what each computes: docs/evaluation.md).
 
-- short answer: the official VQA evaluation's normalisation (punctuation, lower case, number words, articles,
-  contractions) then exact match;
+- a list of annotators' answers: the official VQA accuracy (GT-Vision-Lab/VQA `vqaEval.py`), leave-one-out over the
+  annotators, with the official normalisation applied where that code applies it;
+- one accepted answer: exact match after the same normalisation on both sides;
 - multiple choice (MMBench / SEED / ScienceQA style): the option letter, or the option whose text the answer gives;
-- yes/no (POPE): accuracy, precision, recall, F1 and the yes-ratio.
+- yes/no (POPE): the official POPE parsing (first sentence, "no"/"not" rule), then accuracy, precision, recall, F1
+  and the yes-ratio as the official POPE script computes them.
 """
 
 from __future__ import annotations
 
 import re
 
-# The official VQA evaluation's tables (github.com/GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py),
-# as EvalAI scores VQAv2 with them: with straight apostrophes, entries kept as they are (the capitalised ones never
+# The official VQA evaluation's tables (github.com/GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py
+# at c4e6a0e, its Python 3 version): with straight apostrophes, entries kept as they are (the capitalised ones never
 # match, since words are lower-cased first; "somebody'd" maps to "somebodyd").
 _CONTRACTIONS = {
     "aint": "ain't",
@@ -155,26 +157,64 @@ _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # as written there: in effect, a pe
 _COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
 
 
-def normalize_answer(text: str) -> str:
-    """The official VQA evaluation's answer processing: tabs and newlines to spaces, then `processPunctuation`
-    (each punctuation mark removed where it touches a space or the text holds a digit-comma-digit, else replaced
-    by a space; apostrophes and colons kept; periods dropped unless a digit follows), then `processDigitArticle`
-    (lower case, number words to digits, articles dropped, missing apostrophes restored)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
+def _process_punctuation(text: str) -> str:
+    """vqaEval.py's `processPunctuation`: each mark removed where it touches a space (or the text holds a
+    digit-comma-digit), else replaced by a space; apostrophes and colons kept; a period dropped unless a digit
+    follows."""
     out = text
     for mark in _PUNCT:
         if mark + " " in text or " " + mark in text or _COMMA_NUMBER.search(text) is not None:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    out = _PERIOD.sub("", out)
-    words = [_NUMBERS.get(word, word) for word in out.lower().split()]
+    # the official call is `periodStrip.sub("", outText, re.UNICODE)`: the flag (32) lands in `count`
+    return _PERIOD.sub("", out, count=32)
+
+
+def _process_digit_article(text: str) -> str:
+    """vqaEval.py's `processDigitArticle`: lower case, number words to digits, articles dropped, apostrophes put
+    back."""
+    words = [_NUMBERS.get(word, word) for word in text.lower().split()]
     return " ".join(_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES)
 
 
+def normalize_answer(text: str) -> str:
+    """The official VQA evaluation's processing of a predicted answer: tabs and newlines to spaces, strip, then
+    `processPunctuation` and `processDigitArticle`."""
+    return _process_digit_article(_process_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """The official VQA accuracy of one answer (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py,
+    `VQAEval.evaluate`, followed step by step):
+
+    - the prediction is normalised (`normalize_answer`);
+    - the annotators' answers are left as given when they are all the same string; otherwise each gets
+      `processPunctuation` only (not lower case, number words or articles: the dataset's answers come normalised);
+    - for each annotator, min(1, #other annotators whose answer equals the prediction / 3); the mean over annotators.
+
+    With 10 answers that is the mean over the 10 choose 9 subsets: one agreeing annotator scores 0.3, two 0.6, three
+    0.9, four or more 1.0. Fewer answers are scored by the same loop, as the official code would: n answers never score
+    above min(1, (n - 1) / 3), and a single answer always scores 0. Annotators are told apart by position (the official
+    code compares answer records, each with its own `answer_id`), so repeated strings each count."""
+    if isinstance(answers, str) or not answers:
+        raise ValueError("VQA accuracy needs a non-empty list of the annotators' answers")
+    said = normalize_answer(prediction)
+    truths = list(answers) if len(set(answers)) == 1 else [_process_punctuation(answer) for answer in answers]
+    per_annotator = [
+        min(1.0, sum(truth == said for other, truth in enumerate(truths) if other != left_out) / 3)
+        for left_out in range(len(truths))
+    ]
+    return sum(per_annotator) / len(per_annotator)
+
+
 def exact_match(prediction: str, answers: str | list[str]) -> float:
+    """1.0 when the normalised prediction equals a normalised accepted answer (both sides through `normalize_answer`;
+    this is not the VQA accuracy, which `vqa_accuracy` computes). An answer that normalises to nothing says nothing:
+    it never matches, even an empty reference."""
     answers = [answers] if isinstance(answers, str) else answers
-    return float(normalize_answer(prediction) in {normalize_answer(a) for a in answers})
+    said = normalize_answer(prediction)
+    return float(bool(said) and said in {normalize_answer(answer) for answer in answers})
 
 
 _LETTER = re.compile(r"^\s*\(?([A-Z])[\).:\s]|^\s*\(?([A-Z])\)?\s*$")
@@ -193,20 +233,25 @@ def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def yes_no(prediction: str) -> str | None:
-    words = normalize_answer(prediction).split()
-    if not words:
-        return None
-    if words[0] in ("yes", "no"):
-        return words[0]
-    has_yes, has_no = "yes" in words, "no" in words or "not" in words
-    return "yes" if has_yes and not has_no else "no" if has_no and not has_yes else None
+def yes_no(prediction: str) -> str:
+    """The official POPE parsing of a free-form answer, as RUCAIBox/POPE `evaluate.py` and LLaVA's
+    `llava/eval/eval_pope.py` both write it: keep the text before the first '.', drop commas, split on single spaces;
+    "no" when one of the words is exactly "No", "no" or "not", else "yes" (so an answer naming neither counts as yes,
+    and "NO", "Not" or "don't" do not say no)."""
+    text = prediction.split(".")[0]
+    words = text.replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
 
 
-def pope_metrics(predictions: list[str | None], labels: list[str]) -> dict[str, float]:
-    """POPE: 'yes' is the positive class; an unparsable answer counts as 'no' (as in the POPE script)."""
-    predicted = [p if p in ("yes", "no") else "no" for p in predictions]
-    pairs = list(zip(predicted, labels, strict=True))
+def pope_metrics(predictions: list[str], labels: list[str]) -> dict[str, float]:
+    """POPE's metrics as its official script computes them from parsed answers ('yes' is the positive class):
+    accuracy, precision TP/(TP+FP), recall TP/(TP+FN), F1, and the yes-ratio (the share of answers parsed as yes).
+    Where the official script would divide by zero (no answer parsed as yes, no positive label), 0.0."""
+    for name, values in (("predictions", predictions), ("labels", labels)):
+        odd = sorted({repr(value) for value in values if value not in ("yes", "no")})
+        if odd:
+            raise ValueError(f"POPE {name} must be 'yes' or 'no' (parse answers with yes_no), got {', '.join(odd)}")
+    pairs = list(zip(predictions, labels, strict=True))
     tp = sum(said == "yes" and truth == "yes" for said, truth in pairs)
     fp = sum(said == "yes" and truth == "no" for said, truth in pairs)
     fn = sum(said == "no" and truth == "yes" for said, truth in pairs)

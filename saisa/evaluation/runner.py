@@ -1,19 +1,24 @@
 """Batched evaluation of a model on a LLaVA-style question JSONL with an image folder.
 
-One question per line, with `question_id`, `image` (optional) and, by kind:
-- short answer: `text` + `answer` (a string or a list of accepted answers);
-- multiple choice: `question` (or `text`) + `options` ({"A": ..} or a list) + `answer` (a letter);
-- yes/no (POPE): `text` + `label` ("yes" / "no").
-Every row is scored on its own (question ids may be missing or repeated). A row that cannot be asked (not a JSON
-object, a missing or mistyped field, the image placeholder in its text, a prompt longer than the model) is reported
-with its file:line and reason and skipped; a question whose image is missing or unreadable, or whose generation
-fails, is written to the predictions with its error. The run goes on either way and the metrics count each kind.
+One question per line (UTF-8, lines end at '\n' only, a leading BOM accepted), with `question_id`, `image` (optional:
+a file name inside the image folder) and, by kind:
+- short answer: `text` + `answer`: one accepted answer (a string, exact match) or the annotators' answers (a list of
+  at least 2, the official VQA accuracy);
+- multiple choice: `question` (or `text`) + `options` ({"A": ..} or a list of at most 26) + `answer` (a letter);
+- yes/no (POPE): `text` + `label` ("yes" / "no"), answers parsed and scored as the official POPE script does.
+Every row is scored on its own (question ids may be missing or repeated). A row that cannot be read or asked (invalid
+UTF-8 or JSON, not a JSON object, a missing or mistyped field, an empty image name, an image path leaving the image
+folder, the image placeholder in its text, a prompt longer than the model) is reported with its file:line and reason
+and skipped; a question whose image is missing or unreadable, or whose generation fails, is written to the
+predictions with its error. The run goes on either way and the metrics count each kind.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import os
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from saisa.evaluation.metrics import exact_match, extract_choice, pope_metrics, yes_no
+from saisa.evaluation.metrics import exact_match, extract_choice, pope_metrics, vqa_accuracy, yes_no
 from saisa.generation import answer_batch, user_prompt
 from saisa.processing import load_image
 
@@ -42,27 +47,42 @@ class Skipped:
     where: str
     line: int
     reason: str
+    unreadable: bool = False  # not valid UTF-8 or JSON (as opposed to a readable row that cannot be asked)
 
     def record(self) -> dict:
         return {"where": self.where, "reason": self.reason}
 
 
-def read_questions(path: str | Path) -> tuple[list[Question], list[Skipped]]:
-    """The usable rows of a question JSONL, and the others with their file:line and what is wrong with them."""
+def read_questions(path: str | Path, *, allow_external_images: bool = False) -> tuple[list[Question], list[Skipped]]:
+    """The usable rows of a question JSONL, and the others with their file:line and what is wrong with them.
+
+    Lines are split at '\n' alone (JSON Lines): `str.splitlines` would also split at U+2028, U+0085 and others that a
+    JSON string may hold raw, losing the row and shifting every later line number. Each line is decoded on its own, so
+    one bad byte costs its row only."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"question file not found: {path}")
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):  # as editors on Windows save UTF-8
+        data = data[len(codecs.BOM_UTF8) :]
     questions, skipped = [], []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            reason = f"not valid UTF-8 (byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the line)"
+            skipped.append(Skipped(where, number, reason, unreadable=True))
+            continue
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError) as error:
-            skipped.append(Skipped(where, number, f"not valid JSON ({getattr(error, 'msg', 'nested too deeply')})"))
+            reason = f"not valid JSON ({getattr(error, 'msg', 'nested too deeply')})"
+            skipped.append(Skipped(where, number, reason, unreadable=True))
             continue
-        reason = row_problem(row)
+        reason = row_problem(row, allow_external_images=allow_external_images)
         if reason:
             skipped.append(Skipped(where, number, reason))
         else:
@@ -70,27 +90,48 @@ def read_questions(path: str | Path) -> tuple[list[Question], list[Skipped]]:
     return questions, skipped
 
 
-def load_questions(path: str | Path) -> list[dict]:
+def load_questions(path: str | Path, *, allow_external_images: bool = False) -> list[dict]:
     """The usable rows of a question JSONL (`read_questions` also says why the others are not)."""
-    return [question.row for question in read_questions(path)[0]]
+    return [question.row for question in read_questions(path, allow_external_images=allow_external_images)[0]]
 
 
 def _is_text(value) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def row_problem(row) -> str | None:
+def image_problem(image, *, allow_external_images: bool = False) -> str | None:
+    """Why a row's `image` cannot name its image, or None. Absent or null: a text-only question. Judged on the name
+    alone (no file system access), so a folder's own symlinks stay usable."""
+    if image is None:
+        return None
+    if not isinstance(image, str):
+        return f"image must be a file name, got {type(image).__name__}"
+    if not image.strip():
+        return "image is an empty file name (leave the key out, or null, for a text-only question)"
+    if allow_external_images:
+        return None
+    if os.path.isabs(image):
+        return f"image {image!r} is an absolute path, outside the image folder (--allow-external-images allows it)"
+    if os.path.normpath(image).split(os.sep)[0] == os.pardir:
+        return f"image {image!r} leaves the image folder (--allow-external-images allows it)"
+    return None
+
+
+def row_problem(row, *, allow_external_images: bool = False) -> str | None:
     """Why a row cannot be asked and scored, or None."""
     if not isinstance(row, dict):
         return f"a row must be a JSON object, got {type(row).__name__}"
-    if "image" in row and row["image"] is not None and not isinstance(row["image"], str):
-        return "image must be a file name"
+    problem = image_problem(row.get("image"), allow_external_images=allow_external_images)
+    if problem:
+        return problem
     kind = question_kind(row)
     if kind == "multiple_choice":
         options = row["options"]
         texts = list(options.values()) if isinstance(options, dict) else options
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             return "options must be a non-empty list or object of strings"
+        if isinstance(options, list) and len(options) > len(string.ascii_uppercase):
+            return f"{len(options)} options in a list, but only 26 can be lettered A-Z"
         if not _is_text(row.get("question", row.get("text"))):
             return "a multiple-choice row needs a string question (or text)"
         if row.get("answer") not in _options(row):
@@ -103,8 +144,15 @@ def row_problem(row) -> str | None:
     if "label" in row:
         return f"label must be 'yes' or 'no', got {row['label']!r}"
     answer = row.get("answer")
-    if not (_is_text(answer) or (isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer))):
-        return f"answer must be a string or a non-empty list of strings, got {type(answer).__name__}"
+    if isinstance(answer, list):
+        if not all(_is_text(a) for a in answer):
+            return "answer: every listed answer must be a non-empty string"
+        if len(answer) < 2:
+            # VQA accuracy counts the *other* annotators who agree: with one answer there are none, and it is always 0
+            return "answer: a list needs 2 or more annotators' answers (one accepted answer is given as a string)"
+        return None
+    if not _is_text(answer):
+        return f"answer must be a string or a list of strings, got {type(answer).__name__}"
     return None
 
 
@@ -137,7 +185,9 @@ def score(row: dict, prediction: str) -> dict:
     if kind == "yes_no":
         said, label = yes_no(prediction), row["label"].lower()
         return {"extracted": said, "label": label, "correct": float(said == label)}
-    return {"correct": exact_match(prediction, row["answer"])}
+    if isinstance(row["answer"], list):
+        return {"metric": "vqa_accuracy", "correct": vqa_accuracy(prediction, row["answer"])}
+    return {"metric": "exact_match", "correct": exact_match(prediction, row["answer"])}
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -236,6 +286,7 @@ def summarize(records: list[dict], skipped: list[Skipped]) -> dict:
         "questions": len(records) + len(skipped),
         "answered": len(answered),
         "skipped": len(skipped),
+        "unreadable": sum(item.unreadable for item in skipped),  # of the skipped: not valid UTF-8 or JSON
         "missing_images": sum(r.get("error", "").startswith("image:") for r in records),
         "failed": sum(r.get("error", "").startswith("generation:") for r in records),
         "accuracy": sum(r["correct"] for r in answered) / len(answered) if answered else 0.0,
@@ -256,9 +307,11 @@ def evaluate(
     batch_size: int = 16,
     max_new_tokens: int = 16,
     blind: bool = False,
+    allow_external_images: bool = False,
 ) -> dict:
-    """Answer and score a question file; writes predictions.jsonl, skipped.jsonl and metrics.json to `out_dir`."""
-    usable, skipped = read_questions(questions)
+    """Answer and score a question file; writes predictions.jsonl, skipped.jsonl and metrics.json to `out_dir`.
+    Image paths must stay inside `image_folder` unless `allow_external_images`."""
+    usable, skipped = read_questions(questions, allow_external_images=allow_external_images)
     records, unasked = generate_answers(
         model,
         processor,
