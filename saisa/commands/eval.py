@@ -53,7 +53,10 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(metrics, indent=2))
     tag = "blind_" if args.blind else ""
     if metrics["skipped"]:
-        print(f"warning: {metrics['skipped']} row(s) skipped (file:line and reason in {out}/{tag}skipped.jsonl)")
+        print(
+            f"warning: {metrics['skipped']} row(s) skipped, {metrics['unreadable']} of them not valid UTF-8 or JSON "
+            f"(file:line and reason in {out}/{tag}skipped.jsonl)"
+        )
     if metrics["missing_images"] or metrics["failed"]:
         print(
             f"warning: {metrics['missing_images']} question(s) had a missing or unreadable image and "
