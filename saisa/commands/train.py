@@ -1,4 +1,4 @@
-"""`saisa train RECIPE.yaml [--set key.sub=value ...] [--resume]`: one training stage (align or instruct).
+"""`saisa train RECIPE.yaml [--set key.sub=value ...] [--resume [weights-only]]`: one training stage.
 
 Multi-GPU: `accelerate launch -m saisa.cli train ...` or `torchrun --nproc_per_node N -m saisa.cli train ...`, with
 `--set training.deepspeed=zero3` (a shipped config: zero2, zero3, zero3_offload; or a path) or
@@ -23,12 +23,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=["align", "instruct"])
     parser.add_argument("--architecture", choices=["saisa", "llava", "naavit"])
     parser.add_argument("--output-dir")
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="full",
+        metavar="weights-only",
+        help="continue from the newest checkpoint that verifies (its manifest's sizes and SHA-256), with its "
+        "optimizer, scheduler and RNG states; `--resume weights-only` continues from its weights alone",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from saisa.training import load_recipe, run_training
+    from saisa.training.trainer import RESUME_MODES
 
+    if args.resume is not None and args.resume not in RESUME_MODES:
+        if args.recipe is not None:
+            raise ValueError(f"--resume takes {' or '.join(RESUME_MODES)}, got {args.resume!r}")
+        args.recipe, args.resume = args.resume, "full"  # `train --resume RECIPE`: the recipe, not a mode
     overrides = list(args.overrides)
     for key in ("stage", "architecture", "output_dir"):
         if getattr(args, key):
