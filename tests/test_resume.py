@@ -162,7 +162,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path, run, un
     _assert_identical(resumed, uninterrupted)
 
 
-def test_nothing_usable_is_refused_naming_every_damaged_file(tmp_path, run):
+def test_nothing_usable_is_refused_naming_every_damaged_file(tmp_path, run, uninterrupted, capsys):
     recipe = _recipe(run, tmp_path / "out")
     out = tmp_path / "out"
     shutil.copytree(run["output_dir"], out)
@@ -175,6 +175,23 @@ def test_nothing_usable_is_refused_naming_every_damaged_file(tmp_path, run):
         assert f"{broken}: " in str(refused.value)
     assert "Run without --resume to start afresh" in str(refused.value)
     assert not (out / "model.safetensors").exists()
+    from saisa.cli import main
+
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))  # JSON is YAML
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "recipe.yaml")]) == 2  # the recipe, not a resume mode
+    assert f"saisa train: error: no checkpoint in {out} can be resumed" in capsys.readouterr().err
+
+
+def test_resume_modes_on_the_command_line():
+    from saisa.commands.train import recipe_and_resume_mode
+
+    assert recipe_and_resume_mode("r.yaml", None) == ("r.yaml", None)
+    assert recipe_and_resume_mode("r.yaml", "full") == ("r.yaml", "full")
+    assert recipe_and_resume_mode(None, "r.yaml") == ("r.yaml", "full")
+    assert recipe_and_resume_mode("r.yaml", "weights-only") == ("r.yaml", "weights-only")
+    with pytest.raises(ValueError, match="--resume takes no value or weights-only, got 'weights'"):
+        recipe_and_resume_mode("r.yaml", "weights")
 
 
 def test_a_finished_max_steps_run_resumed_trains_no_further(tmp_path, run):
