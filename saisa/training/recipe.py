@@ -346,9 +346,10 @@ def run_training(recipe: dict, *, resume: bool | str = False, callbacks: list | 
 
 
 def _checkpoint_to_resume(trainer, output_dir: Path, mode: str) -> str | None:
-    """The first process verifies the checkpoints (hashing them once, not once per rank) and tells the others; a
-    refusal is raised on every rank so none waits for the rest."""
-    from saisa.training.trainer import CheckpointError, last_good_checkpoint
+    """The first process verifies the checkpoints in full (hashing them once, not once per rank) and tells the
+    others; every rank then checks the chosen one's files cheaply (present, sizes) where it will load them, which
+    catches a node whose copy differs. A refusal is raised on every rank, so none waits for the rest."""
+    from saisa.training.trainer import CheckpointError, checkpoint_problem, last_good_checkpoint
 
     outcome = [None]
     if trainer.args.process_index == 0:
@@ -357,9 +358,18 @@ def _checkpoint_to_resume(trainer, output_dir: Path, mode: str) -> str | None:
             outcome = [("ok", None if found is None else str(found))]
         except CheckpointError as error:
             outcome = [("refused", str(error))]
-    if trainer.args.world_size > 1:
+    distributed = trainer.args.world_size > 1
+    if distributed:
         torch.distributed.broadcast_object_list(outcome, src=0)
     status, value = outcome[0]
     if status == "refused":
         raise CheckpointError(value)
+    if value is None or not distributed:
+        return value
+    local = checkpoint_problem(Path(value), full=False, weights_only=mode == "weights-only")
+    problems = [None] * trainer.args.world_size
+    torch.distributed.all_gather_object(problems, local)
+    found = [f"rank {rank}: {problem}" for rank, problem in enumerate(problems) if problem is not None]
+    if found:
+        raise CheckpointError(f"{value} verified on rank 0 but not where other ranks load it:\n  " + "\n  ".join(found))
     return value
