@@ -79,6 +79,7 @@ class LlavaJsonDataset(Dataset):
         self.max_length = max_length
         self.skip_bad_images = skip_bad_images
         self.allow_external_images = allow_external_images
+        self._wrapping: int | None = None  # bytes a template wraps one turn in, measured on first use
         self.stats = DataStats.for_records(len(records))
         self.records, self.record_indices = [], []  # usable records, and their indices in the file
         if any(_image_names(r) for r in records if isinstance(r, dict) and _record_problem(r) is None):
@@ -162,20 +163,30 @@ class LlavaJsonDataset(Dataset):
         return None
 
     def _keeps_a_label(self, record: dict, index: int) -> bool:
-        """Whether an answer token survives truncation. Tokenised only when it might not: the text before the first
-        answer has at most one token per UTF-8 byte (plus a few special ones), so short records are cleared cheaply."""
-        rendered = self.template.render(record["conversations"])
-        if not rendered.assistant_spans:
-            return True  # a record without an answer: the dataset-wide check handles "nothing to learn"
-        prefix = rendered.text[: rendered.assistant_spans[0][0]]
-        bound = len(prefix.encode()) + prefix.count(IMAGE) * self.tokens_per_image + 16
-        if bound < self.max_length:
+        """Whether an answer token survives truncation. Tokenised only when it might not: before the first answer a
+        record has at most one token per UTF-8 byte of its text, its images, and per turn at most the template's
+        wrapping (measured once, system prompt included), so short records are cleared without rendering them."""
+        turns = record["conversations"]
+        first_answer = next((i for i, turn in enumerate(turns) if turn_role(turn) == "assistant"), None)
+        if first_answer is None:
+            return True  # no answer at all: the dataset-wide check handles "nothing to learn"
+        text = "".join(turn_text(turn) for turn in turns[:first_answer])
+        wrapping = (first_answer + 1) * self._turn_wrapping_bytes()
+        if wrapping + len(text.encode()) + text.count(IMAGE) * self.tokens_per_image + 16 < self.max_length:
             return True
         try:
             first = self._positions_to_first_label(record)
         except ValueError as error:  # a template that does not tokenise as rendered
             raise ValueError(f"{self._where(index, record)}: {error}") from None
         return first is None or first <= self.max_length
+
+    def _turn_wrapping_bytes(self) -> int:
+        """Bytes the template adds before a one-turn conversation's answer (its system prompt, the turn's markers)."""
+        if self._wrapping is None:
+            probe = [{"from": "human", "value": "x"}, {"from": "gpt", "value": "a"}]
+            rendered = self.template.render(probe)
+            self._wrapping = len(rendered.text[: rendered.assistant_spans[0][0]].encode())
+        return self._wrapping
 
     def _check_max_length_fits_an_image(self) -> None:
         """data.max_length must hold one image, the template around it and a one-token answer."""
