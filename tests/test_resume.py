@@ -341,3 +341,13 @@ def test_weights_only_resumes_a_checkpoint_without_its_optimizer_state(tmp_path,
     assert [step for step, _ in losses] == [1, 2, 3, 4, 5, 6]  # 1-4 logged before the checkpoint, 5-6 now
     assert all(torch.isfinite(value).all() for value in weights.values())
     assert any(not torch.equal(weights[key], expected[key]) for key in expected)  # a fresh optimizer: another path
+
+
+def test_only_a_first_save_cut_short_starts_afresh(tmp_path):
+    """Nothing was ever completed (no marker, no manifest): nothing to lose, so `--resume` starts afresh."""
+    from saisa.training.trainer import last_good_checkpoint
+
+    assert last_good_checkpoint(tmp_path / "absent") is None
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "model.safetensors").write_bytes(b"half")
+    assert last_good_checkpoint(tmp_path) is None

@@ -333,8 +333,8 @@ def checkpoint_folders(output_dir: Path) -> list[Path]:
 
 def last_good_checkpoint(output_dir: str | Path, mode: str = "full") -> Path | None:
     """The newest checkpoint that proves itself (full hash check); each one that fails is named in a warning and the
-    one before it tried. None when `output_dir` holds no checkpoint at all; CheckpointError when it holds some but
-    none can be resumed (`mode` "full": with its optimizer, scheduler and RNG states; "weights-only": weights alone)."""
+    one before it tried. None when `output_dir` holds no completed checkpoint at all; CheckpointError when it holds
+    some but none can be resumed (`mode` "full": with optimizer, scheduler and RNG states; "weights-only": weights)."""
     if mode not in RESUME_MODES:
         raise ValueError(f"resume mode must be one of {RESUME_MODES}, got {mode!r}")
     folders = checkpoint_folders(Path(output_dir)) if Path(output_dir).is_dir() else []
@@ -347,11 +347,10 @@ def last_good_checkpoint(output_dir: str | Path, mode: str = "full") -> Path | N
             return checkpoint
         problems.append(problem)
         logger.warning("cannot resume from %s: %s; trying the previous checkpoint", checkpoint.name, problem)
-    if not folders:
+    if not problems:  # nothing was ever completed (at most a first save cut short): nothing to lose
         return None
-    found = "\n  ".join(problems) if problems else "no checkpoint was completed (no marker)"
     raise CheckpointError(
-        f"no checkpoint in {output_dir} can be resumed:\n  {found}\n"
+        f"no checkpoint in {output_dir} can be resumed:\n  " + "\n  ".join(problems) + "\n"
         "Run without --resume to start afresh (its checkpoints will be overwritten)"
         + ("" if mode == "weights-only" else ", or with --resume weights-only to continue from weights alone")
     )
