@@ -82,14 +82,16 @@ class LlavaJsonDataset(Dataset):
         self._wrapping: int | None = None  # bytes a template wraps one turn in, measured on first use
         self.stats = DataStats.for_records(len(records))
         self.records, self.record_indices = [], []  # usable records, and their indices in the file
-        if any(_image_names(r) for r in records if isinstance(r, dict) and _record_problem(r) is None):
-            self._check_max_length_fits_an_image()
         missing = []  # (record index, path) of images not on disk, found in one pass before training
         unlearnable = []  # record indices whose labels truncation removes entirely
+        images_seen = False
         for index, record in enumerate(records):
             problem = _record_problem(record) or self._image_path_problem(record)
-            absent = [] if problem else [self.image_folder / n for n in _image_names(record)]
-            absent = [path for path in absent if not path.is_file()]
+            paths = [] if problem else [self.image_folder / name for name in _image_names(record)]
+            if paths and not images_seen:  # data with images: max_length must hold one (checked once)
+                self._check_max_length_fits_an_image()
+                images_seen = True
+            absent = [path for path in paths if not path.is_file()]
             if absent:
                 missing.append((index, absent[0]))
                 problem = f"image not found: {absent[0]}"
