@@ -270,7 +270,7 @@ def test_a_decompression_bomb_is_a_clear_image_error_that_skipping_skips(tmp_pat
 def test_skipped_and_truncated_samples_count_once_however_many_epochs(tmp_path):
     records = [_record(0), _record(1), "broken", _record(3, "cat and a cat and a cat")]
     _write_data(tmp_path, records)
-    (tmp_path / "img1.png").unlink()
+    (tmp_path / "img1.png").write_bytes(b"garbage")  # found when read (a missing one is found at load)
     lenient = _dataset(tmp_path, skip_bad_images=True, max_length=28)  # 26 positions fit, 31 do not
     for _epoch in range(3):
         for i in range(len(lenient)):
@@ -286,7 +286,7 @@ def test_counts_made_in_data_loader_workers_reach_the_main_process(tmp_path):
     from torch.utils.data import DataLoader
 
     _write_data(tmp_path, [_record(0), _record(1), _record(2), _record(3, "cat and a cat and a cat")])
-    (tmp_path / "img1.png").unlink()
+    (tmp_path / "img1.png").write_bytes(b"garbage")
     lenient = _dataset(tmp_path, skip_bad_images=True, max_length=28)
     for _epoch in range(2):
         for _ in DataLoader(lenient, batch_size=1, num_workers=2, collate_fn=lambda samples: samples):

@@ -178,31 +178,35 @@ def test_a_template_that_does_not_tokenize_as_rendered_raises():
 
 
 def test_missing_or_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
-    recipe = _write_run(tmp_path, "saisa")
-    (tmp_path / "img1.png").unlink()
+    _write_run(tmp_path, "saisa")
     (tmp_path / "img0.png").write_bytes(b"garbage")
     processor = tiny_processor()
     dataset = LlavaJsonDataset(tmp_path / "train.json", tmp_path, processor, template="tokenizer", tokens_per_image=16)
     with pytest.raises(ValueError, match=r"sample 0: cannot decode image .*img0.png"):
         dataset[0]
-    with pytest.raises(FileNotFoundError, match=r"sample 1: image not found: .*img1.png"):
-        dataset[1]
+    (tmp_path / "img1.png").unlink()  # a missing image is found when the data loads, before training
+    with pytest.raises(FileNotFoundError, match=r"1 of 4 samples name an image that is not in .*sample 1: .*img1.png"):
+        LlavaJsonDataset(tmp_path / "train.json", tmp_path, processor, template="tokenizer", tokens_per_image=16)
     lenient = LlavaJsonDataset(
         tmp_path / "train.json", tmp_path, processor, template="tokenizer", tokens_per_image=16, skip_bad_images=True
     )
     sample = lenient[0]  # falls through to the next usable sample
-    assert "input_ids" in sample and len(lenient.stats.skipped_images) == 2
-    assert recipe  # the recipe itself stays valid
+    assert "input_ids" in sample and lenient.stats.skipped_images == [0] and list(lenient.stats.skipped_records) == [1]
+    assert lenient.stats.skipped == 2
 
 
 def test_truncation_is_counted_and_drops_whole_images(tmp_path):
     _write_run(tmp_path, "saisa")
+    turns = [QUESTION, {"from": "gpt", "value": "a cat"}, {"from": "human", "value": "<image> ?"}]
+    record = {"id": "two", "image": ["img0.png", "img1.png"], "conversations": [*turns, {"from": "gpt", "value": "a"}]}
+    (tmp_path / "train.json").write_text(json.dumps([record]))
     processor = tiny_processor()
     dataset = LlavaJsonDataset(
-        tmp_path / "train.json", tmp_path, processor, template="tokenizer", tokens_per_image=16, max_length=18
+        tmp_path / "train.json", tmp_path, processor, template="tokenizer", tokens_per_image=16, max_length=40
     )
-    sample = dataset[3]  # two images = 32 positions > 18: the second image is cut with what follows it
+    sample = dataset[0]  # two images = 32 positions and the text > 40: the second image is cut with what follows it
     assert sample["pixel_values"].shape[0] == 1 and dataset.stats.truncated == 1
+    assert (sample["labels"] != -100).any()  # the first answer is kept
 
 
 def test_recipe_overrides():

@@ -1,4 +1,4 @@
-"""`saisa train RECIPE.yaml [--set key.sub=value ...] [--resume]`: one training stage (align or instruct).
+"""`saisa train RECIPE.yaml [--set key.sub=value ...] [--resume [weights-only]]`: one training stage.
 
 Multi-GPU: `accelerate launch -m saisa.cli train ...` or `torchrun --nproc_per_node N -m saisa.cli train ...`, with
 `--set training.deepspeed=zero3` (a shipped config: zero2, zero3, zero3_offload; or a path) or
@@ -8,6 +8,8 @@ Multi-GPU: `accelerate launch -m saisa.cli train ...` or `torchrun --nproc_per_n
 from __future__ import annotations
 
 import argparse
+import errno
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,19 +25,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=["align", "instruct"])
     parser.add_argument("--architecture", choices=["saisa", "llava", "naavit"])
     parser.add_argument("--output-dir")
-    parser.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="full",
+        metavar="weights-only",
+        help="continue from the newest checkpoint that verifies (its manifest's sizes and SHA-256), with its "
+        "optimizer, scheduler and RNG states; `--resume weights-only` continues from its weights alone",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from saisa.training import load_recipe, run_training
+    from saisa.training.trainer import CheckpointError
 
+    recipe, resume = recipe_and_resume_mode(args.recipe, args.resume)
     overrides = list(args.overrides)
     for key in ("stage", "architecture", "output_dir"):
         if getattr(args, key):
             overrides.append(f"{key}={getattr(args, key)}")
-    run_training(load_recipe(args.recipe, overrides), resume=args.resume)
+    try:
+        run_training(load_recipe(recipe, overrides), resume=resume or False)
+    except (CheckpointError, FloatingPointError, OSError) as error:
+        if isinstance(error, OSError) and error.errno != errno.ENOSPC:
+            raise
+        print(f"saisa train: error: {error}", file=sys.stderr)  # what to do next, not a traceback
+        return 2
     _close_process_group()
     return 0
+
+
+def recipe_and_resume_mode(recipe: str | None, resume: str | None) -> tuple[str | None, str | None]:
+    """`--resume` takes an optional mode, so `train --resume RECIPE` hands it the recipe: give that back."""
+    from saisa.training.trainer import RESUME_MODES
+
+    if resume is None or resume in RESUME_MODES:
+        return recipe, resume
+    if recipe is not None:
+        raise ValueError(f"--resume takes no value or {' or '.join(RESUME_MODES[1:])}, got {resume!r}")
+    return resume, "full"
 
 
 def _close_process_group() -> None:

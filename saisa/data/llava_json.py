@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +66,11 @@ class LlavaJsonDataset(Dataset):
         tokens_per_image: int,
         max_length: int = 2048,
         skip_bad_images: bool = False,
+        allow_external_images: bool = False,
     ):
         self.path = Path(json_path)
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= 0:
+            raise ValueError(f"data.max_length must be a positive integer (positions per sample), got {max_length!r}")
         records = _read_records(self.path)
         self.image_folder = Path(image_folder) if image_folder else self.path.parent
         self.processor = processor
@@ -74,17 +78,46 @@ class LlavaJsonDataset(Dataset):
         self.tokens_per_image = tokens_per_image
         self.max_length = max_length
         self.skip_bad_images = skip_bad_images
+        self.allow_external_images = allow_external_images
+        self._wrapping: int | None = None  # bytes a template wraps one turn in, measured on first use
         self.stats = DataStats.for_records(len(records))
         self.records, self.record_indices = [], []  # usable records, and their indices in the file
+        missing = []  # (record index, path) of images not on disk, found in one pass before training
+        unlearnable = []  # record indices whose labels truncation removes entirely
+        images_seen = False
         for index, record in enumerate(records):
-            problem = _record_problem(record)
+            problem = _record_problem(record) or self._image_path_problem(record)
+            paths = [] if problem else [self.image_folder / name for name in _image_names(record)]
+            if paths and not images_seen:  # data with images: max_length must hold one (checked once)
+                self._check_max_length_fits_an_image()
+                images_seen = True
+            absent = [path for path in paths if not path.is_file()]
+            if absent:
+                missing.append((index, absent[0]))
+                problem = f"image not found: {absent[0]}"
+            elif problem is None and not self._keeps_a_label(record, index):
+                unlearnable.append(index)
+                problem = f"no answer token survives truncation to data.max_length={max_length}"
             if problem is None:
                 self.records.append(record)
                 self.record_indices.append(index)
             elif skip_bad_images:
                 self.stats.skipped_records[index] = problem
-            else:
+            elif not absent and unlearnable[-1:] != [index]:  # missing and unlearnable ones are reported together
                 raise ValueError(f"{self._where(index, record)}: {problem}")
+        if missing and not skip_bad_images:
+            first = "; ".join(f"{self._where(i, records[i])}: {name}" for i, name in missing[:5])
+            raise FileNotFoundError(
+                f"{len(missing)} of {len(records)} samples name an image that is not in {self.image_folder}; "
+                f"the first: {first} (or set data.skip_bad_images: true to skip them)"
+            )
+        if unlearnable and not skip_bad_images:
+            first = "; ".join(self._where(i, records[i]) for i in unlearnable[:5])
+            raise ValueError(
+                f"{len(unlearnable)} of {len(records)} samples keep no answer token after truncation to "
+                f"data.max_length={max_length}, so they would train on nothing (loss 0); the first: {first}. "
+                "Raise data.max_length, shorten those samples, or set data.skip_bad_images: true to skip them"
+            )
         if self.stats.skipped_records:
             index, problem = next(iter(self.stats.skipped_records.items()))
             logger.warning(
@@ -105,6 +138,70 @@ class LlavaJsonDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _image_path_problem(self, record: dict) -> str | None:
+        """Image names stay inside the image folder (no absolute paths, no `..` out of it) unless the recipe allows
+        external ones: a data file must not make training read arbitrary files."""
+        if self.allow_external_images:
+            return None
+        for name in _image_names(record):
+            if Path(name).is_absolute() or ".." in Path(os.path.normpath(name)).parts:
+                return (
+                    f"image path {name!r} leaves the image folder {self.image_folder} (absolute or `..`); "
+                    "set data.allow_external_images: true to allow it"
+                )
+        return None
+
+    def _positions_to_first_label(self, record: dict) -> int | None:
+        """Positions up to and including the first answer token (an image counts `tokens_per_image`), or None when
+        the record has no answer token at all."""
+        rendered = self.template.render(record["conversations"])
+        ids, labels = tokenize_with_labels(rendered, self.processor.tokenizer, ignore_index=IGNORE_INDEX)
+        positions = 0
+        for token, label in zip(ids, labels, strict=True):
+            positions += self.tokens_per_image if token == self.processor.image_token_id else 1
+            if label != IGNORE_INDEX:
+                return positions
+        return None
+
+    def _keeps_a_label(self, record: dict, index: int) -> bool:
+        """Whether an answer token survives truncation. Tokenised only when it might not: before the first answer a
+        record has at most one token per UTF-8 byte of its text, its images, and per turn at most the template's
+        wrapping (measured once, system prompt included), so short records are cleared without rendering them."""
+        turns = record["conversations"]
+        first_answer = next((i for i, turn in enumerate(turns) if turn_role(turn) == "assistant"), None)
+        if first_answer is None:
+            return True  # no answer at all: the dataset-wide check handles "nothing to learn"
+        text = "".join(turn_text(turn) for turn in turns[:first_answer])
+        wrapping = (first_answer + 1) * self._turn_wrapping_bytes()
+        if wrapping + len(text.encode()) + text.count(IMAGE) * self.tokens_per_image + 16 < self.max_length:
+            return True
+        try:
+            first = self._positions_to_first_label(record)
+        except ValueError as error:  # a template that does not tokenise as rendered
+            raise ValueError(f"{self._where(index, record)}: {error}") from None
+        return first is None or first <= self.max_length
+
+    def _turn_wrapping_bytes(self) -> int:
+        """Bytes the template adds before a one-turn conversation's answer (its system prompt, the turn's markers)."""
+        if self._wrapping is None:
+            probe = [{"from": "human", "value": "x"}, {"from": "gpt", "value": "a"}]
+            rendered = self.template.render(probe)
+            self._wrapping = len(rendered.text[: rendered.assistant_spans[0][0]].encode())
+        return self._wrapping
+
+    def _check_max_length_fits_an_image(self) -> None:
+        """data.max_length must hold one image, the template around it and a one-token answer."""
+        probe = {"conversations": [{"from": "human", "value": IMAGE}, {"from": "gpt", "value": "a"}]}
+        try:
+            needed = self._positions_to_first_label(probe) or self.tokens_per_image + 1
+        except ValueError:  # a tokenizer that cannot label the probe answer: the image alone is the bound
+            needed = self.tokens_per_image + 1
+        if self.max_length < needed:
+            raise ValueError(
+                f"data.max_length={self.max_length} is shorter than one image ({self.tokens_per_image} positions) "
+                f"plus the template and a one-token answer: at least {needed} positions are needed"
+            )
 
     @property
     def lengths(self) -> list[int]:

@@ -78,9 +78,14 @@ TOP_LEVEL_KEYS = {
     "expand_shared_projector",
 }
 MODEL_KEYS = {"init", "llm", "vision", "image_size", "shared_projector", "template", "feature_cache"}
-DATA_KEYS = {"train", "image_folder", "template", "max_length", "skip_bad_images"}
+DATA_KEYS = {"train", "image_folder", "template", "max_length", "skip_bad_images", "allow_external_images"}
 # Read by run_training itself; not TrainingArguments fields in every supported transformers release.
-TRAINING_EXTRA_KEYS = {"group_by_length", "activation_checkpointing", "activation_checkpointing_kwargs"}
+TRAINING_EXTRA_KEYS = {
+    "group_by_length",
+    "activation_checkpointing",
+    "activation_checkpointing_kwargs",
+    "nonfinite_patience",
+}
 
 
 def recipe_keys() -> dict[str, set[str]]:
@@ -205,16 +210,30 @@ def _attach_feature_cache(model, directory: str, settings: dict) -> None:
     model.vision_feature_cache = VisionFeatureCache(directory)
 
 
-def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None = None) -> Path:
-    """Train one stage; writes checkpoints, then the final `from_pretrained` folder (model + processor + loss.png)."""
+def run_training(recipe: dict, *, resume: bool | str = False, callbacks: list | None = None) -> Path:
+    """Train one stage; writes checkpoints, then the final `from_pretrained` folder (model + processor + loss.png).
+
+    resume: False; True or "full" (from the newest checkpoint that verifies, with its optimizer, scheduler and RNG
+    states); "weights-only" (its weights and step, a fresh optimizer).
+    """
     from transformers import TrainingArguments, set_seed
 
     from saisa.compat import training_arguments
     from saisa.data import Collator, LlavaJsonDataset
     from saisa.modeling.saisa_model import loss_labels
     from saisa.training import engines
-    from saisa.training.trainer import LossCurveCallback, SaisaTrainer, ThroughputCallback, last_complete_checkpoint
+    from saisa.training.trainer import (
+        RESUME_MODES,
+        LossCurveCallback,
+        NonFiniteGuard,
+        SaisaTrainer,
+        ThroughputCallback,
+        disk_errors,
+    )
 
+    resume_mode = "full" if resume is True else resume or None
+    if resume_mode is not None and resume_mode not in RESUME_MODES:
+        raise ValueError(f"resume must be one of {RESUME_MODES} (or True/False), got {resume!r}")
     recipe = copy.deepcopy(recipe)
     stage = recipe.get("stage", "align")
     if stage not in STAGES:
@@ -236,6 +255,7 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
         tokens_per_image=model.tokens_per_image,
         max_length=data.get("max_length", 2048),
         skip_bad_images=data.get("skip_bad_images", False),
+        allow_external_images=data.get("allow_external_images", False),
     )
     lora = LoraSettings(**recipe.get("lora", {}))
     trainable = configure_stage(model, stage, freeze_llm=recipe.get("freeze_llm", False), lora=lora)
@@ -248,6 +268,7 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
     }
     on_gpu = torch.cuda.is_available()
     settings.setdefault("bf16", on_gpu and torch.cuda.is_bf16_supported())
+    nonfinite_patience = settings.pop("nonfinite_patience", 0)
     if settings.pop("group_by_length", True):
         settings.setdefault("train_sampling_strategy", "group_by_length")
     if settings.get("deepspeed"):
@@ -273,21 +294,32 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
         lengths=dataset.lengths,
         callbacks=[ThroughputCallback(), LossCurveCallback(), *(callbacks or [])],
     )
+    guard = NonFiniteGuard(trainer, nonfinite_patience)
+    trainer.add_callback(guard)
     engines.enable_fsdp_on_cpu(trainer)
     if trainer.is_world_process_zero():
         print(f"engine: {engines.describe_engine(trainer)}")
     if lora.r > 0:
         engines.check_lora_supported(trainer)
-    checkpoint = last_complete_checkpoint(output_dir) if resume else None
-    if resume:
-        print(f"resuming from {checkpoint}" if checkpoint else f"no usable checkpoint in {output_dir}: starting afresh")
+    checkpoint = None
+    if resume_mode is not None:
+        if resume_mode == "weights-only" and trainer.is_deepspeed_enabled:
+            raise ValueError("--resume weights-only is not supported with DeepSpeed (it loads its states together)")
+        checkpoint = _checkpoint_to_resume(trainer, output_dir, resume_mode)
+        trainer.fresh_training_state = resume_mode == "weights-only"
+        if checkpoint is None:
+            print(f"no checkpoint in {output_dir}: starting afresh")
+        else:
+            fresh = " (weights only: a fresh optimizer and RNG)" if trainer.fresh_training_state else ""
+            print(f"resuming from {checkpoint}{fresh}")
     trainer.train(resume_from_checkpoint=checkpoint)
     if (
         torch.distributed.is_available() and torch.distributed.is_initialized()
     ):  # every rank's skipped/truncated samples
         torch.distributed.all_reduce(dataset.stats.flags, op=torch.distributed.ReduceOp.MAX)
 
-    engines.save_final(trainer, output_dir, lora=lora.r > 0)
+    with disk_errors(output_dir, remove_on_failure=False):
+        engines.save_final(trainer, output_dir, lora=lora.r > 0)
     if trainer.args.should_save:
         processor.save_pretrained(output_dir)
         report = {
@@ -297,6 +329,7 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
             "trainable_parameters": sum(p.numel() for p in trainable.parameters() if p.requires_grad),
             "truncated_samples": dataset.stats.truncated,
             "skipped_samples": dataset.stats.skipped,
+            "nonfinite_steps_skipped": guard.skipped_steps,
             "train_runtime_s": trainer.state.log_history[-1].get("train_runtime"),
             "losses": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
         }
@@ -310,3 +343,33 @@ def run_training(recipe: dict, *, resume: bool = False, callbacks: list | None =
         )
         print(f"saved the trained model and its processor to {output_dir}")
     return output_dir
+
+
+def _checkpoint_to_resume(trainer, output_dir: Path, mode: str) -> str | None:
+    """The first process verifies the checkpoints in full (hashing them once, not once per rank) and tells the
+    others; every rank then checks the chosen one's files cheaply (present, sizes) where it will load them, which
+    catches a node whose copy differs. A refusal is raised on every rank, so none waits for the rest."""
+    from saisa.training.trainer import CheckpointError, checkpoint_problem, last_good_checkpoint
+
+    outcome = [None]
+    if trainer.args.process_index == 0:
+        try:
+            found = last_good_checkpoint(output_dir, mode)
+            outcome = [("ok", None if found is None else str(found))]
+        except CheckpointError as error:
+            outcome = [("refused", str(error))]
+    distributed = trainer.args.world_size > 1
+    if distributed:
+        torch.distributed.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "refused":
+        raise CheckpointError(value)
+    if value is None or not distributed:
+        return value
+    local = checkpoint_problem(Path(value), full=False, weights_only=mode == "weights-only")
+    problems = [None] * trainer.args.world_size
+    torch.distributed.all_gather_object(problems, local)
+    found = [f"rank {rank}: {problem}" for rank, problem in enumerate(problems) if problem is not None]
+    if found:
+        raise CheckpointError(f"{value} verified on rank 0 but not where other ranks load it:\n  " + "\n  ".join(found))
+    return value

@@ -3,19 +3,32 @@ for any transformers model), plus what LLaVA-style training needs on top of it."
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
+import logging
 import os
 import shutil
 import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_pt_utils import LengthGroupedSampler, safe_globals
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+logger = logging.getLogger(__name__)
+
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
+MANIFEST = "checkpoint_manifest.json"
+RESUME_MODES = ("full", "weights-only")
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be resumed as asked."""
 
 
 class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
@@ -39,6 +52,8 @@ class SaisaTrainer(Trainer):
     def __init__(self, *args, lengths: list[int] | None = None, **kwargs):
         self.lengths = lengths
         self.length_sampler: EpochSeededLengthGroupedSampler | None = None
+        self.fresh_training_state = False  # `--resume weights-only`: no optimizer/scheduler/RNG state is loaded
+        self.step_loss_finite: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
@@ -62,29 +77,58 @@ class SaisaTrainer(Trainer):
             self.length_sampler.set_epoch(epoch)
         return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        # Accumulated on device without a sync; read once per optimizer step by NonFiniteGuard.
+        finite = torch.isfinite(loss.detach()).all()
+        self.step_loss_finite = finite if self.step_loss_finite is None else self.step_loss_finite & finite
+        return loss
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not self.fresh_training_state or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        # `--resume weights-only`: a fresh optimizer, and the schedule moved on to the resumed step (not restarted).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            for _ in range(self.state.global_step):
+                self.lr_scheduler.step()
+        return None
+
+    def _load_rng_state(self, checkpoint):
+        if not self.fresh_training_state:
+            super()._load_rng_state(checkpoint)
+
+    def _load_scaler(self, checkpoint):
+        if not self.fresh_training_state:
+            super()._load_scaler(checkpoint)
+
     def _save_checkpoint(self, model, trial) -> None:
-        """A checkpoint counts only once its marker is written last, and older checkpoints are rotated only after
-        that: a crash at any point of a save leaves the previous complete checkpoint to resume from."""
+        """A checkpoint counts only once its manifest (size and SHA-256 of every file) and then its marker are written,
+        and older checkpoints are rotated only after that: a crash or a full disk at any point of a save leaves the
+        previous complete checkpoint to resume from."""
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            # A resume that fell back past a broken checkpoint saves into its folder again: unmark it first.
+        if self.args.should_save and folder.exists():
+            # A resume that fell back past a broken checkpoint saves into its folder again: start it empty, unmarked.
             (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(folder)
+        self.accelerator.wait_for_everyone()
         save_total_limit, self.args.save_total_limit = self.args.save_total_limit, None  # transformers' rotation off
         try:
-            super()._save_checkpoint(model, trial)
+            with disk_errors(folder, remove_on_failure=self.args.should_save):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = save_total_limit
         self.accelerator.wait_for_everyone()  # every rank's files (its RNG state, its shards) are on disk
         if self.args.should_save:
-            self._mark_complete(folder)
+            with disk_errors(folder, remove_on_failure=True):
+                self._mark_complete(folder)
             self._rotate_complete_checkpoints(run_dir, newest=folder)
 
     def _mark_complete(self, folder: Path) -> None:
-        marker = folder / COMPLETE_MARKER
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(str(self.state.global_step))
-        os.replace(tmp, marker)
+        manifest_hash = write_manifest(folder)
+        marker = {"step": self.state.global_step, "manifest_sha256": manifest_hash}
+        write_atomically(folder / COMPLETE_MARKER, json.dumps(marker).encode())
 
     def _rotate_complete_checkpoints(self, run_dir: Path, newest: Path) -> None:
         """transformers' rotation (keep `save_total_limit`, the newest and the best), counting complete checkpoints
@@ -107,6 +151,176 @@ class SaisaTrainer(Trainer):
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
+class NonFiniteGuard(TrainerCallback):
+    """Stops training with an error on a non-finite loss or gradient. Up to `patience` such optimizer steps in a row
+    are skipped instead (their gradients dropped, so no NaN reaches the weights); a finite step resets the count.
+    Under DeepSpeed the engine has stepped before this runs: there only the stop applies."""
+
+    def __init__(self, trainer: SaisaTrainer, patience: int):
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
+            raise ValueError(f"training.nonfinite_patience must be an integer >= 0, got {patience!r}")
+        self.trainer = trainer
+        self.patience = patience
+        self.in_a_row = 0
+        self.skipped_steps: list[int] = []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        model = trainer.model_wrapped
+        loss_finite = trainer.step_loss_finite
+        trainer.step_loss_finite = None
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2: this rank's shard
+        ok = torch.ones((), dtype=torch.bool, device=args.device)
+        loss_ok = ok if loss_finite is None else loss_finite.to(args.device)
+        grads_ok = torch.stack([torch.isfinite(g).all().to(args.device) for g in grads]).all() if grads else ok
+        flags = torch.stack([loss_ok, grads_ok]).to(torch.int)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)  # one rank's NaN stops them all
+        loss_ok, grads_ok = flags.tolist()
+        if loss_ok and grads_ok:
+            self.in_a_row = 0
+            return
+        step = state.global_step + 1
+        what = "loss" if not loss_ok else "gradient norm"
+        self.in_a_row += 1
+        if self.in_a_row > self.patience:
+            raise FloatingPointError(
+                f"non-finite {what} at step {step} ({self.in_a_row} non-finite step(s) in a row, "
+                f"training.nonfinite_patience={self.patience}): stopping; lower the learning rate, check the data, "
+                "or resume from the last checkpoint"
+            )
+        for param in model.parameters():
+            param.grad = None  # the optimizer skips parameters without a gradient: this step changes no weight
+        self.skipped_steps.append(step)
+        logger.warning("non-finite %s at step %d: skipping its update (%d in a row allowed)", what, step, self.patience)
+
+
+@contextlib.contextmanager
+def disk_errors(path: Path, *, remove_on_failure: bool):
+    """A full disk named as such, whatever layer hit it (torch's zip writer reports only "enforce fail ... unexpected
+    pos", safetensors an IoError); the half-written `path` goes with it, freeing space and leaving nothing to trust."""
+    try:
+        yield
+    except Exception as error:
+        message = str(error)
+        full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or any(
+            sign in message for sign in ("unexpected pos", "No space left on device", "StorageFull", "os error 28")
+        )
+        if not full:
+            raise
+        written = getattr(error, "filename", None) or path
+        if remove_on_failure:
+            shutil.rmtree(path, ignore_errors=True) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+        free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
+        raise OSError(
+            errno.ENOSPC,
+            f"no space left on device while writing {written} ({free} bytes free now; removed the partial save; "
+            f"the writer said: {message[:200]})",
+        ) from error
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Written to a temporary name, flushed to disk, then renamed: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _hash_all(paths: list[Path]) -> list[str]:
+    """hashlib releases the GIL on large buffers: a few threads read and hash files side by side."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_sha256, paths))
+
+
+def write_manifest(folder: Path) -> str:
+    """`checkpoint_manifest.json`: size and SHA-256 of every file of the checkpoint (subfolders too: DeepSpeed's
+    global_stepN/, FSDP's sharded states). Returns the manifest's own SHA-256, which the completion marker records."""
+    paths = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE_MARKER, MANIFEST + ".tmp")
+    )
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": digest}
+        for p, digest in zip(paths, _hash_all(paths), strict=True)
+    }
+    content = json.dumps({"format": 1, "files": files}, indent=1).encode()
+    write_atomically(folder / MANIFEST, content)
+    return hashlib.sha256(content).hexdigest()
+
+
+def _training_state_kind(name: str) -> str | None:
+    """Which part of the training state a checkpoint file holds, by transformers', accelerate's and DeepSpeed's
+    names; None for the model, the trainer state and the rest."""
+    top = name.split("/", 1)[0]
+    if top.startswith("optimizer") or (top.startswith("global_step") and "optim_states" in name):
+        return "optimizer"
+    if top.startswith("scheduler"):
+        return "scheduler"
+    if top.startswith("rng_state"):
+        return "rng"
+    if top.startswith("scaler"):
+        return "scaler"
+    return None
+
+
+def checkpoint_problem(checkpoint: Path, *, full: bool = True, weights_only: bool = False) -> str | None:
+    """Why `checkpoint` cannot be resumed, naming the file, or None. Cheap (`full=False`): marker, manifest, every
+    listed file present with its size. Full: every file's SHA-256 too. Unless `weights_only`, the optimizer,
+    scheduler and RNG states must be there (a resume without them continues on a different path)."""
+    marker = checkpoint / COMPLETE_MARKER
+    manifest_path = checkpoint / MANIFEST
+    if not marker.is_file():
+        return f"{marker}: missing (the save did not finish)"
+    try:
+        recorded = json.loads(marker.read_bytes())["manifest_sha256"]
+    except (ValueError, KeyError, TypeError) as error:
+        return f"{marker}: unreadable ({type(error).__name__}: {error}); not written by this saisa, or damaged"
+    if not manifest_path.is_file():
+        return f"{manifest_path}: missing"
+    raw = manifest_path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != recorded:
+        return f"{manifest_path}: its SHA-256 differs from the one the completion marker records (damaged)"
+    files = json.loads(raw)["files"]
+    if "trainer_state.json" not in files:
+        return f"{checkpoint / 'trainer_state.json'}: not in the checkpoint"
+    kinds = {_training_state_kind(name) for name in files}
+    if not weights_only:
+        deepspeed = any(name.startswith("global_step") for name in files)  # its scheduler may live in its states
+        for kind, names in (("optimizer", "optimizer.pt"), ("scheduler", "scheduler.pt"), ("rng", "rng_state*.pth")):
+            if kind not in kinds and not (kind == "scheduler" and deepspeed):
+                return (
+                    f"{checkpoint / names}: not in the checkpoint (saved without its {kind} state): resuming would "
+                    "not continue the same run; `--resume weights-only` continues from its weights alone"
+                )
+    checked = [
+        (checkpoint / name, entry)
+        for name, entry in files.items()
+        if not (weights_only and _training_state_kind(name) is not None)
+    ]
+    for path, entry in checked:
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != entry["size"]:
+            return f"{path}: {size} bytes where the manifest says {entry['size']} (truncated or overwritten)"
+    if full:
+        for (path, entry), digest in zip(checked, _hash_all([path for path, _ in checked]), strict=True):
+            if digest != entry["sha256"]:
+                return f"{path}: its SHA-256 differs from the manifest's (the file changed after the save)"
+    return None
+
+
 def checkpoint_folders(output_dir: Path) -> list[Path]:
     """`checkpoint-<step>` folders, oldest step first."""
     steps = {}
@@ -117,47 +331,29 @@ def checkpoint_folders(output_dir: Path) -> list[Path]:
     return [steps[step] for step in sorted(steps)]
 
 
-def unreadable_file(checkpoint: Path) -> str | None:
-    """What resuming reads, opened cheaply but for real, in the checkpoint and its subfolders (DeepSpeed's
-    global_stepN/): safetensors headers (which must cover the whole file, so truncation shows), every JSON file, and
-    the optimizer/scheduler/scaler/RNG states memory-mapped as they are loaded. Returns "file: error" for the first
-    that fails. (FSDP's distributed-checkpoint shards are not read here.)"""
-    if not (checkpoint / "trainer_state.json").is_file():
-        return f"{checkpoint / 'trainer_state.json'}: missing"
-    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
-        try:
-            if path.suffix == ".safetensors":
-                with safe_open(path, "pt"):
-                    pass
-            elif path.suffix == ".json":
-                content = json.loads(path.read_text())
-                if path.name.endswith(".index.json"):  # a sharded model: every shard it names is there
-                    for shard in sorted(set(content.get("weight_map", {}).values())):
-                        if not (checkpoint / shard).is_file():
-                            return f"{checkpoint / shard}: missing"
-            elif path.suffix in (".pt", ".pth") and path.parent == checkpoint:
-                with safe_globals():
-                    torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            elif path.suffix == ".pt":  # DeepSpeed's own states (global_stepN/), which it unpickles in full
-                torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        except Exception as error:  # whatever the reader raises, the file cannot be resumed from
-            return f"{path}: {error}"
-    return None
-
-
-def last_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The newest checkpoint that is marked complete and readable; a broken one is named and the one before it tried."""
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return None
-    for checkpoint in reversed(checkpoint_folders(folder)):
-        if not (checkpoint / COMPLETE_MARKER).exists():
-            continue
-        problem = unreadable_file(checkpoint)
+def last_good_checkpoint(output_dir: str | Path, mode: str = "full") -> Path | None:
+    """The newest checkpoint that proves itself (full hash check); each one that fails is named in a warning and the
+    one before it tried. None when `output_dir` holds no completed checkpoint at all; CheckpointError when it holds
+    some but none can be resumed (`mode` "full": with optimizer, scheduler and RNG states; "weights-only": weights)."""
+    if mode not in RESUME_MODES:
+        raise ValueError(f"resume mode must be one of {RESUME_MODES}, got {mode!r}")
+    folders = checkpoint_folders(Path(output_dir)) if Path(output_dir).is_dir() else []
+    problems = []
+    for checkpoint in reversed(folders):
+        if not (checkpoint / COMPLETE_MARKER).exists() and not (checkpoint / MANIFEST).exists():
+            continue  # a save cut short before its manifest: never complete, nothing to report
+        problem = checkpoint_problem(checkpoint, full=True, weights_only=mode == "weights-only")
         if problem is None:
-            return str(checkpoint)
-        print(f"cannot resume from {checkpoint.name}, {problem}; trying the previous complete checkpoint")
-    return None
+            return checkpoint
+        problems.append(problem)
+        logger.warning("cannot resume from %s: %s; trying the previous checkpoint", checkpoint.name, problem)
+    if not problems:  # nothing was ever completed (at most a first save cut short): nothing to lose
+        return None
+    raise CheckpointError(
+        f"no checkpoint in {output_dir} can be resumed:\n  " + "\n  ".join(problems) + "\n"
+        "Run without --resume to start afresh (its checkpoints will be overwritten)"
+        + ("" if mode == "weights-only" else ", or with --resume weights-only to continue from weights alone")
+    )
 
 
 class ThroughputCallback(TrainerCallback):
