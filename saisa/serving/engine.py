@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saisa.generation import StepDecoder, TokenChooser, stop_token_ids, token_logprobs
+from saisa.serving.tokens import TokenBytes
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ class GenerationEngine:
         self.image_token_id, self.tokens_per_image = model.config.image_token_id, model.tokens_per_image
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.eos_ids = set(stop_token_ids(model, self.tokenizer))
+        self.token_bytes = TokenBytes(self.tokenizer)
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._held: collections.deque[Job] = collections.deque()  # taken from the queue, not fitting this step
         self._groups: list[_Group] = []
@@ -362,7 +364,7 @@ class GenerationEngine:
 
         def entry(token_id: int, value: float) -> dict:
             text = self.tokenizer.decode([token_id])
-            return {"token": text, "logprob": value, "bytes": list(text.encode())}
+            return {"token": text, "logprob": value, "bytes": self.token_bytes(token_id)}
 
         return {**entry(token, logprob), "top_logprobs": [entry(i, v) for i, v in alternatives]}
 
