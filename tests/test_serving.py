@@ -411,8 +411,8 @@ def test_health_answers_fast_while_the_largest_request_is_prepared(tmp_path):
             worst.append(max(latencies))
             median = sorted(latencies)[len(latencies) // 2]
             print(
-                f"/health while preparing {count} x 4096² images ({len(buffer.getvalue())} bytes each): {len(latencies)} "
-                f"probes, max {max(latencies) * 1000:.1f} ms, median {median * 1000:.1f} ms"
+                f"/health while preparing {count} x 4096² images ({len(buffer.getvalue())} bytes each): "
+                f"{len(latencies)} probes, max {max(latencies) * 1000:.1f} ms, median {median * 1000:.1f} ms"
             )
             if worst[-1] < 0.1:
                 break

@@ -116,6 +116,7 @@ class GenerationEngine:
         self._held: collections.deque[Job] = collections.deque()  # taken from the queue, not fitting this step
         self._groups: list[_Group] = []
         self._chunked: _Chunked | None = None
+        self._in_hand: list[Job] = []  # taken for this step's prefill, in no group yet
         self._step_started: float | None = None  # when the worker began its current step; None while idle
         self.fatal: BaseException | None = None  # what stopped the worker, if anything did
         # groups prefilled, steps run, and how requests ended (counted in /health)
@@ -177,10 +178,10 @@ class GenerationEngine:
             raise
 
     def _fail_running(self, error: BaseException) -> None:
-        jobs = [job for group in self._groups for job in group.jobs]
+        jobs = [job for group in self._groups for job in group.jobs] + self._in_hand
         if self._chunked is not None:
             jobs.append(self._chunked.job)
-        self._groups, self._chunked = [], None
+        self._groups, self._chunked, self._in_hand = [], None, []
         for job in jobs:
             if job.finish_reason is None and job.error is None:
                 self._finish(job, error=error)
@@ -235,7 +236,9 @@ class GenerationEngine:
                 break
             jobs.append(job)
             longest = size
+        self._in_hand = jobs
         self._prefill(jobs)
+        self._in_hand = []
 
     def _chunks(self, job: Job) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """The prompt cut into pieces of at most prefill_chunk_tokens positions (an image's v positions stay

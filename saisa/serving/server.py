@@ -72,7 +72,7 @@ def create_app(
     preparing = ThreadPoolExecutor(PREPARE_THREADS, "saisa-prepare", initializer=_lower_priority)
     buffered = _ByteBudget(limits.max_inflight_body_bytes)
     app = FastAPI(title="saisa", description="OpenAI-compatible chat completions for SAISA models")
-    app.state.engine = engine
+    app.state.engine, app.state.preparer = engine, prepare
     key = _KeyCheck(api_key)
 
     @app.exception_handler(RequestError)

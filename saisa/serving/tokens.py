@@ -108,6 +108,10 @@ class PromptTokenizer:
             raise RequestError(
                 400, "the text holds a special token's text, which this model's tokenizer cannot keep as plain text"
             )
+        return self.encode_keeping_text_plain(messages, texts)
+
+    def encode_keeping_text_plain(self, messages: list[dict], texts: list[str]) -> list[int]:
+        """The prompt cut at the template's own special tokens, the rest encoded with special-token matching off."""
         nonce = secrets.token_hex(8)
         sentinels = [f"\ue000{nonce}{i}\ue001" for i in range(len(texts))]
         swapped = _replace_texts(messages, iter(sentinels))

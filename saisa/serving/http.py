@@ -1,0 +1,93 @@
+"""uvicorn's HTTP/1.1 protocol with the connection bounds it lacks: a cap on open connections (one past it is closed
+at once, so slow clients cannot use up the process's file descriptors and starve `accept`) and a deadline for each
+request's headers (uvicorn closes idle kept-alive connections, but never one that trickles its headers)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from saisa.serving.protocol import ServerLimits
+
+logger = logging.getLogger(__name__)
+
+
+class _Throttled:
+    """A warning at most once per `every_s` seconds, counting what it did not print."""
+
+    def __init__(self, every_s: float = 10.0):
+        self.every_s, self.last, self.skipped = every_s, 0.0, 0
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.skipped += 1
+            return
+        suffix = f" ({self.skipped} more since the last report)" if self.skipped else ""
+        logger.warning(message + suffix)
+        self.last, self.skipped = now, 0
+
+
+class GuardedH11Protocol(H11Protocol):
+    max_connections = 256
+    header_timeout_s = 10.0
+    refusals = _Throttled()
+    timeouts = _Throttled()
+
+    def connection_made(self, transport) -> None:
+        self._refused = len(self.connections) >= self.max_connections
+        if self._refused:
+            self.refusals.warn(f"refusing a connection: {self.max_connections} are open (--max-connections)")
+            transport.close()
+            return
+        super().connection_made(transport)
+        self._header_timer = None
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self._refused:
+            return
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()  # the next request on this kept-alive connection gets its own header deadline
+
+    def _arm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late, self.cycle)
+
+    def _headers_late(self, cycle_then) -> None:
+        """No new request's headers since the timer was armed: close the connection."""
+        self._header_timer = None
+        if self.transport.is_closing() or self.cycle is not cycle_then:
+            return
+        if cycle_then is not None and not cycle_then.response_complete:
+            return  # a request is being answered: its own deadline applies
+        self.timeouts.warn(f"closing a connection whose request headers took over {self.header_timeout_s:g} s")
+        self.transport.close()
+
+
+def uvicorn_config(app, *, host: str, port: int, limits: ServerLimits, log_level: str = "info"):
+    """A `uvicorn.Config` for `app` with `limits`' connection bounds."""
+    import uvicorn
+
+    protocol = type(
+        "SaisaH11Protocol",
+        (GuardedH11Protocol,),
+        {"max_connections": limits.max_connections, "header_timeout_s": limits.header_timeout_s},
+    )
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=protocol,
+        timeout_keep_alive=limits.keep_alive_s,
+        limit_concurrency=limits.max_connections + 1,  # past the connection cap above: 503s, not closed sockets
+        log_level=log_level,
+    )
