@@ -1,6 +1,10 @@
-"""uvicorn's HTTP/1.1 protocol with the connection bounds it lacks: a cap on open connections (one past it is closed
-at once, so slow clients cannot use up the process's file descriptors and starve `accept`) and a deadline for each
-request's headers (uvicorn closes idle kept-alive connections, but never one that trickles its headers)."""
+"""uvicorn's HTTP/1.1 protocol with the connection bounds it lacks: a cap on open connections, so slow clients cannot
+use up the process's file descriptors and starve `accept`, and a deadline for each request's headers (uvicorn closes
+idle kept-alive connections, but never one that trickles its headers).
+
+At the cap a new connection takes the place of the oldest one that has not yet sent a request's headers (a slow
+client's, most likely); only when every connection is busy with a request is the new one closed at once. So
+connections that never send a request cannot keep a prompt client out."""
 
 from __future__ import annotations
 
@@ -37,13 +41,20 @@ class GuardedH11Protocol(H11Protocol):
     timeouts = _Throttled()
 
     def connection_made(self, transport) -> None:
-        self._refused = len(self.connections) >= self.max_connections
-        if self._refused:
-            self.refusals.warn(f"refusing a connection: {self.max_connections} are open (--max-connections)")
-            transport.close()
-            return
+        self._refused = False
+        live = [c for c in self.connections if not c.transport.is_closing()]
+        if len(live) >= self.max_connections:
+            waiting = [c for c in live if isinstance(c, GuardedH11Protocol) and c.cycle is None]
+            if waiting:
+                self.refusals.warn(f"closing the oldest of {len(waiting)} connections yet to send a request")
+                min(waiting, key=lambda c: c._opened).transport.close()
+            else:
+                self.refusals.warn(f"refusing a connection: {self.max_connections} are busy (--max-connections)")
+                self._refused = True
+                transport.close()
+                return
         super().connection_made(transport)
-        self._header_timer = None
+        self._opened, self._header_timer = time.monotonic(), None
         self._arm()
 
     def connection_lost(self, exc) -> None:
