@@ -2,9 +2,11 @@
 use up the process's file descriptors and starve `accept`, and a deadline for each request's headers (uvicorn closes
 idle kept-alive connections, but never one that trickles its headers).
 
-At the cap a new connection takes the place of the oldest one that has not yet sent a request's headers (a slow
-client's, most likely); only when every connection is busy with a request is the new one closed at once. So
-connections that never send a request cannot keep a prompt client out."""
+At the cap a new connection takes the place of the oldest one that has waited over a second (or a quarter of the
+header deadline, if less) without sending a request's headers (a slow client's: a prompt one sends them within
+milliseconds); when there is none, the new one is closed at once. A connection that has sent a request is never
+closed for a newcomer, so slow clients can delay new connections by at most that second, never break established
+ones."""
 
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ class _Throttled:
 class GuardedH11Protocol(H11Protocol):
     max_connections = 256
     header_timeout_s = 10.0
+    evict_after_s = 1.0  # at the cap, one this long without a request (at most a quarter of the deadline) makes room
     refusals = _Throttled()
     timeouts = _Throttled()
 
@@ -44,12 +47,14 @@ class GuardedH11Protocol(H11Protocol):
         self._refused = False
         live = [c for c in self.connections if not c.transport.is_closing()]
         if len(live) >= self.max_connections:
+            now = time.monotonic()
             waiting = [c for c in live if isinstance(c, GuardedH11Protocol) and c.cycle is None]
-            if waiting:
-                self.refusals.warn(f"closing the oldest of {len(waiting)} connections yet to send a request")
-                min(waiting, key=lambda c: c._opened).transport.close()
+            stale = [c for c in waiting if now - c._opened > min(self.evict_after_s, self.header_timeout_s / 4)]
+            if stale:
+                self.refusals.warn(f"closing the oldest of {len(stale)} connections yet to send a request")
+                min(stale, key=lambda c: c._opened).transport.close()
             else:
-                self.refusals.warn(f"refusing a connection: {self.max_connections} are busy (--max-connections)")
+                self.refusals.warn(f"refusing a connection: {self.max_connections} are open (--max-connections)")
                 self._refused = True
                 transport.close()
                 return
