@@ -563,7 +563,7 @@ def test_prompt_tokenizer_matches_the_ordinary_encoding_for_plain_text():
 # -- chunked prefill --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("architecture", ["saisa", "llava"])
+@pytest.mark.parametrize("architecture", ["saisa", "llava", "naavit"])
 def test_a_prompt_prefilled_in_chunks_answers_as_generate(architecture):
     """Chunks of 24 positions (16-position images kept whole, a chunk may end just after one) give generate's
     greedy answer."""
