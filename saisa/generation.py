@@ -109,19 +109,31 @@ def answer_batch(
     return [cut_at_stop(answer, stop) for answer in answers]
 
 
+class NonFiniteLogits(ArithmeticError):
+    """A row's logits hold NaN or +inf: no token can be chosen from them."""
+
+
 class TokenChooser:
     """Picks one row's next token from its logits: greedy when temperature is 0, else sampled after temperature and
     top-p with the row's own generator, so a seeded request draws the same tokens whatever it is batched with."""
+
+    # Below this a temperature is greedy: dividing logits by 1e-300 overflows to inf and the softmax to NaN, and
+    # sampling that sharp is argmax up to ties anyway.
+    MIN_TEMPERATURE = 1e-4
 
     def __init__(self, *, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None):
         self.temperature, self.top_p = temperature, top_p
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     def __call__(self, logits: torch.Tensor) -> int:
-        """logits (V,) -> a token id."""
-        if self.temperature <= 0:
+        """logits (V,) -> a token id. Non-finite logits (NaN, +inf, or no finite value: an fp16 overflow) raise
+        `NonFiniteLogits` rather than draw from a broken distribution."""
+        logits = logits.float().cpu()
+        if torch.isnan(logits).any() or torch.isposinf(logits).any() or not torch.isfinite(logits).any():
+            raise NonFiniteLogits("the model's logits hold NaN or inf (a numerical overflow, e.g. in fp16)")
+        if self.temperature < self.MIN_TEMPERATURE:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float().cpu() / self.temperature, -1)
+        probs = torch.softmax((logits - logits.max()) / self.temperature, -1)  # largest logit 0: no overflow
         if self.top_p < 1.0:  # the smallest set of most likely tokens holding top_p of the mass (at least one)
             sorted_probs, order = probs.sort(descending=True)
             outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p
@@ -160,10 +172,16 @@ class StepDecoder:
     @torch.no_grad()
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed each row its chosen token; returns the next logits (B, V)."""
-        ids = torch.tensor(tokens, device=self.logits.device)[:, None]  # (B, 1)
+        return self.extend(torch.tensor(tokens, device=self.logits.device)[:, None])
+
+    @torch.no_grad()
+    def extend(self, input_ids: torch.Tensor, pixel_values=None) -> torch.Tensor:
+        """Feed more tokens (B, T) to every row, no padding (a prompt prefilled in chunks, or one decoding step);
+        pixel_values: the images of their `<image>` tokens. Returns the logits after them (B, V)."""
         out = self.model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            pixel_values=pixel_values,
             use_cache=True,
             logits_to_keep=1,
             **{CACHE_KWARG: self.cache},

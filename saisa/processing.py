@@ -31,12 +31,18 @@ class ImageRefused(ValueError):
 
 
 def open_image(
-    source, *, name: str | None = None, max_pixels: int | None = None, max_aspect_ratio: float | None = None
-) -> Image.Image:
+    source,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = None,
+    max_aspect_ratio: float | None = None,
+    header_only: bool = False,
+) -> Image.Image | tuple[int, int]:
     """Decode an image (a path, bytes or a binary file) as RGB, refusing from its header, before any pixel is
     decoded, one with more than `max_pixels` pixels (default: `PIL.Image.MAX_IMAGE_PIXELS`, PIL's decompression-bomb
     limit) or a side more than `max_aspect_ratio` times the other. Errors are `ValueError`s naming the image (`name`,
-    else the path); a missing file is a `FileNotFoundError`."""
+    else the path); a missing file is a `FileNotFoundError`. header_only: (width, height) once the checks pass,
+    nothing decoded."""
     name = name or (str(source) if isinstance(source, (str, os.PathLike)) else "image")
     if isinstance(source, bytes):
         source = io.BytesIO(source)
@@ -53,7 +59,7 @@ def open_image(
                 raise ImageRefused(
                     f"refusing image {name}: {width}x{height} is more than {max_aspect_ratio:g} times as long as wide"
                 )
-            return image.convert("RGB")
+            return (width, height) if header_only else image.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {name}") from None
     except Image.DecompressionBombError as error:

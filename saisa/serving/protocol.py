@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -61,7 +62,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)  # a torch generator's seed is 64 bits, unsigned
     n: int = Field(default=1, ge=1, le=1)
     stop: str | list[str] | None = None
     logprobs: bool = False
@@ -92,10 +93,35 @@ UNSUPPORTED = {
 }
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_strings(payload: Any) -> None:
+    """Every string in the body must be valid Unicode: JSON's \\ud800 escape gives a lone surrogate, which no
+    tokenizer or UTF-8 encoder takes."""
+    stack = [(payload, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            if surrogate := _SURROGATE.search(value):  # (a search, not an encode: no copy of a large text)
+                raise RequestError(
+                    400,
+                    f"invalid request: {where or 'body'}: the text holds a lone UTF-16 surrogate "
+                    f"({surrogate.group()!r} at character {surrogate.start()}), not valid Unicode",
+                    param=where or None,
+                )
+        elif isinstance(value, dict):
+            stack += [(item, f"{where}.{key}".lstrip(".")) for key, item in value.items()]
+            stack += [(key, where or "body") for key in value]
+        elif isinstance(value, list):
+            stack += [(item, f"{where}[{i}]") for i, item in enumerate(value)]
+
+
 def check_request(payload: Any) -> ChatCompletionRequest:
     """A parsed JSON body -> a validated request, or a 400 naming the field at fault."""
     if not isinstance(payload, dict):
         raise RequestError(400, "the request body must be a JSON object")
+    _check_strings(payload)
     for name, unused in UNSUPPORTED.items():
         if payload.get(name, unused) not in (unused, None):
             raise RequestError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
@@ -122,16 +148,25 @@ class ServerLimits:
     max_image_bytes: int = 10 * 2**20
     max_images: int = 8
     max_image_pixels: int = 4096 * 4096  # from the image header, before decoding
+    max_request_pixels: int = 2 * 4096 * 4096  # all of a request's images, from their headers
+    max_inflight_pixels: int = 4 * 4096 * 4096  # decoded at once across requests; more wait for their turn
+    max_prompt_chars: int | None = None  # default: the context length x the vocabulary's longest token
     max_aspect_ratio: float = 20.0  # longest side over shortest side
     max_prompt_positions: int | None = None  # default: the LLM's maximum
     max_tokens: int = 512
     max_queue: int = 64  # requests waiting for the engine; more get 503 + Retry-After
     request_timeout_s: float = 300.0
+    max_inflight_body_bytes: int = 64 * 2**20  # request bodies buffered at once; more get 503 + Retry-After
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (408 past it)
+    header_timeout_s: float = 10.0  # a connection's request headers must arrive within this (closed past it)
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
+    max_connections: int = 256  # open connections; more are closed at once
+    prefill_chunk_tokens: int = 512  # prompt positions prefilled per engine step (longer prompts: chunks)
     allowed_image_dir: Path | None = None  # local files readable only under here, and only when set
 
 
-def decode_image(url: str, limits: ServerLimits, where: str) -> Image.Image:
-    """An image_url's image; its size is checked from the header before any pixel is decoded."""
+def image_source(url: str, limits: ServerLimits, where: str) -> bytes | Path:
+    """An image_url's encoded image (bytes of a data URL, or an allowed local file), its byte size checked."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header:
@@ -141,49 +176,70 @@ def decode_image(url: str, limits: ServerLimits, where: str) -> Image.Image:
                 400, f"{where}: image larger than {limits.max_image_bytes} bytes", param=where, code="image_too_large"
             )
         try:
-            source = base64.b64decode(payload, validate=True)
+            return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise RequestError(400, f"{where}: the data URL is not valid base64", param=where) from None
-    elif url.startswith(("http://", "https://")):
+    if url.startswith(("http://", "https://")):
         raise RequestError(400, f"{where}: remote image URLs are not fetched; send a base64 data URL", param=where)
-    else:
-        if limits.allowed_image_dir is None:
-            raise RequestError(
-                403, f"{where}: reading local files is disabled on this server", param=where, code="path_not_allowed"
-            )
-        if "\x00" in url:
-            raise RequestError(400, f"{where}: the path holds a NUL byte", param=where)
-        path = Path(url.removeprefix("file://"))
-        resolved, root = path.resolve(), limits.allowed_image_dir.resolve()
-        if not resolved.is_relative_to(root):
-            raise RequestError(
-                403, f"{where}: {path} is outside the allowed folder", param=where, code="path_not_allowed"
-            )
-        if not resolved.is_file():
-            raise RequestError(400, f"{where}: image file {path} not found", param=where)
-        if resolved.stat().st_size > limits.max_image_bytes:
-            raise RequestError(
-                400, f"{where}: image larger than {limits.max_image_bytes} bytes", param=where, code="image_too_large"
-            )
-        source = resolved
+    if limits.allowed_image_dir is None:
+        raise RequestError(
+            403, f"{where}: reading local files is disabled on this server", param=where, code="path_not_allowed"
+        )
+    if "\x00" in url:
+        raise RequestError(400, f"{where}: the path holds a NUL byte", param=where)
+    path = Path(url.removeprefix("file://"))
+    resolved, root = path.resolve(), limits.allowed_image_dir.resolve()
+    if not resolved.is_relative_to(root):
+        raise RequestError(403, f"{where}: {path} is outside the allowed folder", param=where, code="path_not_allowed")
+    if not resolved.is_file():
+        raise RequestError(400, f"{where}: image file {path} not found", param=where)
+    if resolved.stat().st_size > limits.max_image_bytes:
+        raise RequestError(
+            400, f"{where}: image larger than {limits.max_image_bytes} bytes", param=where, code="image_too_large"
+        )
+    return resolved
+
+
+def read_image(source: bytes | Path, limits: ServerLimits, where: str, *, header_only: bool = False):
+    """The decoded RGB image, or with header_only its (width, height); the per-image limits are checked from the
+    header first."""
     try:
         return open_image(
-            source, name=where, max_pixels=limits.max_image_pixels, max_aspect_ratio=limits.max_aspect_ratio
+            source,
+            name=where,
+            max_pixels=limits.max_image_pixels,
+            max_aspect_ratio=limits.max_aspect_ratio,
+            header_only=header_only,
         )
     except ValueError as error:
         code = "image_too_large" if isinstance(error, ImageRefused) else "invalid_image"
         raise RequestError(400, str(error), param=where, code=code) from None
 
 
-def to_prompt(request: ChatCompletionRequest, processor, limits: ServerLimits) -> tuple[str, list[tuple[str, str]]]:
-    """Render the messages with the model's chat template; the images' (url, where) in order of appearance, to
-    decode with `decode_image` once the prompt's length is known to fit. Every text part and the image count are
-    checked here, before any image is decoded."""
-    messages, images = [], []
+def image_pixels(source: bytes | Path, limits: ServerLimits, where: str) -> int:
+    """width x height from the image's header (PIL's lazy open: no pixel is decoded); the per-image limits are
+    checked there too."""
+    width, height = read_image(source, limits, where, header_only=True)
+    return width * height
+
+
+def decode_image(url: str, limits: ServerLimits, where: str) -> Image.Image:
+    """An image_url's image; its size is checked from the header before any pixel is decoded."""
+    return read_image(image_source(url, limits, where), limits, where)
+
+
+def to_messages(
+    request: ChatCompletionRequest, processor, limits: ServerLimits
+) -> tuple[list[dict], list[str], list[tuple[str, str]]]:
+    """The messages for the model's chat template (image parts as `{"type": "image"}`), every client text in order
+    of appearance, and the images' (url, where), to read once the prompt is known to fit. Every text part and the
+    image count are checked here, before anything is tokenised or decoded."""
+    messages, texts, images = [], [], []
 
     def text_of(value: Any, where: str) -> str:
         if not isinstance(value, str):
             raise RequestError(400, f"{where}: a text part needs a string 'text'", param=where)
+        texts.append(value)
         if processor.image_token in value:  # it would pair with another request's image, or with none
             raise RequestError(
                 400,
@@ -218,4 +274,4 @@ def to_prompt(request: ChatCompletionRequest, processor, limits: ServerLimits) -
         raise RequestError(
             400, f"{len(images)} images exceed this server's limit of {limits.max_images}", param="messages"
         )
-    return processor.apply_chat_template(messages, add_generation_prompt=True), images
+    return messages, texts, images

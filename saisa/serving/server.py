@@ -2,12 +2,16 @@
 `/health`. Concurrent requests share one `GenerationEngine`, which schedules them a token at a time.
 
 The event loop only moves bytes: parsing, image decoding, the chat template and tokenisation run in worker threads,
-generation in the engine's thread, so `/health` answers while the largest accepted request is being prepared."""
+generation in the engine's thread, so `/health` answers while the largest accepted request is being prepared. Every
+bound is checked before the work it bounds: bytes buffered across requests while bodies arrive, characters before
+tokenising, pixels (from image headers) per request and across requests before decoding, the request's deadline
+at each stage of its preparation."""
 
 from __future__ import annotations
 
 import asyncio
-import copy
+import contextlib
+import hmac
 import json
 import os
 import threading
@@ -19,15 +23,19 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from saisa.serving.engine import GenerationEngine, Job, JobTimeout, QueueFull
+from saisa.generation import NonFiniteLogits
+from saisa.serving.engine import EngineDead, GenerationEngine, Job, JobTimeout, QueueFull
 from saisa.serving.protocol import (
     ChatCompletionRequest,
     RequestError,
     ServerLimits,
     check_request,
-    decode_image,
-    to_prompt,
+    image_pixels,
+    image_source,
+    read_image,
+    to_messages,
 )
+from saisa.serving.tokens import PromptTokenizer
 
 POLL_S = 0.25  # how often a waiting request checks for its client having gone and for its deadline
 PREPARE_THREADS = 4  # requests decoded and tokenised at once (each may hold max_images decoded images)
@@ -47,13 +55,25 @@ def create_app(
     api_key: str | None = None,
     limits: ServerLimits | None = None,
     max_batch_size: int = 8,
+    stuck_after_s: float = 120.0,
 ) -> FastAPI:
+    """api_key: when set, every route needs `Authorization: Bearer KEY` (the docs and the OpenAPI schema too), except
+    `/health`, left open for probes: it reports health and load counters, nothing of any request's content."""
     limits = limits or ServerLimits()
-    engine = GenerationEngine(model, processor, max_batch_size=max_batch_size, max_queue=limits.max_queue)
+    engine = GenerationEngine(
+        model,
+        processor,
+        max_batch_size=max_batch_size,
+        max_queue=limits.max_queue,
+        prefill_chunk_tokens=limits.prefill_chunk_tokens,
+        stuck_after_s=stuck_after_s,
+    )
     prepare = _Preparer(model, processor, limits, model_name)
     preparing = ThreadPoolExecutor(PREPARE_THREADS, "saisa-prepare", initializer=_lower_priority)
+    buffered = _ByteBudget(limits.max_inflight_body_bytes)
     app = FastAPI(title="saisa", description="OpenAI-compatible chat completions for SAISA models")
-    app.state.engine = engine
+    app.state.engine, app.state.preparer = engine, prepare
+    key = _KeyCheck(api_key)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError):
@@ -64,18 +84,21 @@ def create_app(
         return JSONResponse(RequestError(500, f"internal error: {type(error).__name__}").body(), status_code=500)
 
     if api_key:
-        app.add_middleware(_RequireKey, api_key=api_key)
+        app.add_middleware(_RequireKey, check=key)
 
     @app.get("/health")
     async def health():
+        reason = engine.health()
+        status = {"status": "ok"} if reason is None else {"status": "unhealthy", "reason": reason}
         cache = model.image_kv_cache
-        return {
-            "status": "ok",
-            "model": model_name,
+        status.update(  # counters only: nothing of any request's content
+            model=model_name,
             **engine.load(),
             **engine.stats,
-            "image_kv_cache": cache.stats() if cache is not None else None,
-        }
+            buffered_body_bytes=buffered.used,
+            image_kv_cache=cache.stats() if cache is not None else None,
+        )
+        return JSONResponse(status, status_code=200 if reason is None else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -85,8 +108,10 @@ def create_app(
     async def chat_completions(request: Request):
         deadline = time.monotonic() + limits.request_timeout_s
         loop = asyncio.get_running_loop()
-        body = await _read_body(request, limits.max_body_bytes)
-        chat, job = await loop.run_in_executor(preparing, prepare, body)
+        with buffered.hold() as reservation:  # the body and what is parsed from it, until the job is made
+            body = await _read_body(request, limits, reservation)
+            chat, job = await loop.run_in_executor(preparing, prepare, body, deadline)
+            del body
         job.deadline = deadline
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         reply = _Reply(ident, created, model_name, chat, job)
@@ -115,24 +140,95 @@ def create_app(
     return app
 
 
-class _RequireKey:
-    """`Authorization: Bearer KEY` on /v1/ routes. A plain ASGI middleware: starlette's BaseHTTPMiddleware would hide
-    a client's disconnect from the route, which then could not stop generating for it."""
+class _KeyCheck:
+    def __init__(self, api_key: str | None):
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
 
-    def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+    def allows(self, header: str | bytes | None) -> bool:
+        if self.expected is None:
+            return True
+        if isinstance(header, str):
+            header = header.encode("latin-1", "replace")
+        return header is not None and hmac.compare_digest(header, self.expected)  # no timing oracle on the key
+
+
+class _RequireKey:
+    """`Authorization: Bearer KEY` on every route but `/health`. A plain ASGI middleware: starlette's
+    BaseHTTPMiddleware would hide a client's disconnect from the route, which then could not stop generating."""
+
+    def __init__(self, app, check: _KeyCheck):
+        self.app, self.check = app, check
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            if dict(scope["headers"]).get(b"authorization") != self.expected:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            if not self.check.allows(dict(scope["headers"]).get(b"authorization")):
                 response = JSONResponse(RequestError(401, "missing or wrong API key").body(), status_code=401)
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
+class _ByteBudget:
+    """Request-body bytes buffered at once, across requests (the event loop's own: no lock). A request that would
+    pass the budget gets 503 + Retry-After before more of its body is read."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    @contextlib.contextmanager
+    def hold(self):
+        reservation = _Reservation(self)
+        try:
+            yield reservation
+        finally:
+            self.used -= reservation.size
+
+
+class _Reservation:
+    def __init__(self, budget: _ByteBudget):
+        self.budget, self.size = budget, 0
+
+    def grow(self, size: int) -> None:
+        """Hold `size` bytes in all for this request."""
+        budget = self.budget
+        if size <= self.size:
+            return
+        if budget.used + size - self.size > budget.limit:
+            raise RequestError(
+                503,
+                f"server busy: {budget.used} bytes of request bodies are buffered and this server's limit is "
+                f"{budget.limit}; retry shortly",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
+        budget.used += size - self.size
+        self.size = size
+
+
+class _PixelBudget:
+    """Decoded image pixels across the preparing threads; a request waits (until its deadline) for room."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.changed = limit, 0, threading.Condition()
+
+    def acquire(self, pixels: int, deadline: float) -> None:
+        with self.changed:
+            while self.used and self.used + pixels > self.limit:
+                if not self.changed.wait(timeout=max(0.0, deadline - time.monotonic())) and time.monotonic() > deadline:
+                    raise RequestError(
+                        504, "the request timed out waiting for other requests' images to be decoded", code="timeout"
+                    )
+            self.used += pixels
+
+    def release(self, pixels: int) -> None:
+        with self.changed:
+            self.used -= pixels
+            self.changed.notify_all()
+
+
 class _Preparer:
-    """A request body -> (request, engine job): parse, validate, decode images, render the template, tokenise, and
-    check each limit before the work it bounds. Runs in worker threads, several at once."""
+    """A request body -> (request, engine job): parse, validate, bound, render the template, tokenise, read image
+    headers, decode images, each limit checked before the work it bounds and the deadline between stages. Runs in
+    worker threads, several at once, with no lock between them."""
 
     def __init__(self, model, processor, limits: ServerLimits, model_name: str):
         self.processor, self.limits, self.model_name = processor, limits, model_name
@@ -140,11 +236,15 @@ class _Preparer:
         self.max_positions = limits.max_prompt_positions or getattr(
             model.config.text_config, "max_position_embeddings", None
         )
-        # A fast tokenizer keeps its padding settings in shared Rust state that concurrent calls must not touch at
-        # once: the preparing threads share a copy under a lock; the engine's thread decodes with the original.
-        self.tokenizer, self.lock = copy.deepcopy(processor.tokenizer), threading.Lock()
+        self.tokenizer = PromptTokenizer(processor)
+        # No token spells more characters than the vocabulary's longest, so a longer text cannot fit the context.
+        self.max_chars = limits.max_prompt_chars or (
+            self.max_positions * self.tokenizer.longest_token if self.max_positions else None
+        )
+        self.pixels = _PixelBudget(limits.max_inflight_pixels)
 
-    def __call__(self, body: bytes) -> tuple[ChatCompletionRequest, Job]:
+    def __call__(self, body: bytes, deadline: float) -> tuple[ChatCompletionRequest, Job]:
+        _check_deadline(deadline, self.limits)  # it may have waited for a preparing thread
         try:
             chat = check_request(json.loads(body))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -164,9 +264,18 @@ class _Preparer:
             raise RequestError(
                 400, f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens}", param="max_tokens"
             )
-        prompt, images = to_prompt(chat, self.processor, limits)
-        with self.lock:
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        messages, texts, images = to_messages(chat, self.processor, limits)
+        chars = sum(len(text) for text in texts)
+        if self.max_chars and chars > self.max_chars:
+            raise RequestError(
+                400,
+                f"prompt too long: {chars} characters cannot fit the model's {self.max_positions} positions "
+                f"(this server refuses more than {self.max_chars} characters before tokenising)",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        _check_deadline(deadline, self.limits)
+        ids = self.tokenizer.encode(messages, texts)
         positions = len(ids) + len(images) * (self.tokens_per_image - 1)  # each image takes v positions
         if self.max_positions and positions + max_tokens > self.max_positions:
             raise RequestError(
@@ -176,10 +285,32 @@ class _Preparer:
                 param="messages",
                 code="context_length_exceeded",
             )
-        images = [decode_image(url, limits, where) for url, where in images]
+        _check_deadline(deadline, self.limits)
+        sources = [(image_source(url, limits, where), where) for url, where in images]
+        pixels = sum(image_pixels(source, limits, where) for source, where in sources)
+        if pixels > limits.max_request_pixels:
+            raise RequestError(
+                400,
+                f"the request's images hold {pixels} pixels in all, more than this server's limit of "
+                f"{limits.max_request_pixels}",
+                param="messages",
+                code="image_too_large",
+            )
+        pixel_values = None
+        if sources:
+            self.pixels.acquire(pixels, deadline)
+            try:
+                decoded = []
+                for source, where in sources:
+                    _check_deadline(deadline, self.limits)
+                    decoded.append(read_image(source, limits, where))
+                pixel_values = self.processor.preprocess_images(decoded)
+                del decoded
+            finally:
+                self.pixels.release(pixels)
         job = Job(
             input_ids=torch.tensor(ids, dtype=torch.long),
-            pixel_values=self.processor.preprocess_images(images) if images else None,
+            pixel_values=pixel_values,
             max_tokens=max_tokens,
             temperature=chat.temperature,
             top_p=chat.top_p,
@@ -189,6 +320,11 @@ class _Preparer:
             prompt_tokens=positions,
         )
         return chat, job
+
+
+def _check_deadline(deadline: float, limits: ServerLimits) -> None:
+    if time.monotonic() > deadline:
+        raise _timeout(limits)
 
 
 class _Reply:
@@ -230,18 +366,33 @@ class _Reply:
         return {"id": self.ident, "object": kind, "created": self.created, "model": self.model_name}
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed `limit` bytes (from Content-Length, else while
-    it arrives)."""
+async def _read_body(request: Request, limits: ServerLimits, reservation: _Reservation) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed the limit (from Content-Length, else while it
+    arrives), with 503 when buffering it would pass the bytes held across requests, with 408 when it has not all
+    arrived within body_timeout_s."""
+    limit = limits.max_body_bytes
     too_large = RequestError(413, f"request body larger than this server's limit of {limit} bytes")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
+    if declared is not None and declared.isdigit():
+        if int(declared) > limit:
+            raise too_large
+        reservation.grow(int(declared))
     chunks, size = [], 0
-    async for chunk in request.stream():
+    arrived_by = time.monotonic() + limits.body_timeout_s
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, arrived_by - time.monotonic()))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:  # (builtin TimeoutError only from Python 3.11)
+            raise RequestError(
+                408, f"the request body did not arrive within {limits.body_timeout_s:g} s", code="timeout"
+            ) from None
         size += len(chunk)
         if size > limit:
             raise too_large
+        reservation.grow(size)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -253,6 +404,8 @@ def _submit(engine: GenerationEngine, job: Job) -> None:
         raise RequestError(
             503, f"server busy: {error}; retry shortly", code="overloaded", headers={"Retry-After": "1"}
         ) from None
+    except EngineDead as error:
+        raise RequestError(503, f"server unavailable: {error}", code="engine_dead") from None
 
 
 def _timeout(limits: ServerLimits) -> RequestError:
@@ -264,6 +417,8 @@ def _error_of(error: Exception, limits: ServerLimits) -> RequestError:
         return _timeout(limits)
     if isinstance(error, ValueError):  # the model refused this request's input: the client's problem
         return RequestError(400, str(error))
+    if isinstance(error, NonFiniteLogits):
+        return RequestError(500, f"generation failed: {error}", code="non_finite_logits")
     return RequestError(500, f"generation failed: {type(error).__name__}")  # never a stack trace to the client
 
 
