@@ -4,12 +4,13 @@ caching, every backbone family and vision encoder, and the LLaVA-1.5 and NAAViT 
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import save_checkpoint, start_llm, stop_llm, tiny_model
+from conftest import IMAGE_TOKEN, save_checkpoint, start_llm, stop_llm, tiny_model
 from PIL import Image
 from vllm import SamplingParams
 
@@ -110,6 +111,28 @@ def test_another_image_changes_the_answer(saisa_llama, plain_llm):
 def test_a_prompt_ending_with_an_image_is_refused(plain_llm):
     with pytest.raises(ValueError, match="ends with an image"):
         plain_llm.generate(request("user: what is this ? <image>", [image(1)]), greedy())
+
+
+@pytest.mark.parametrize(
+    "prompt, images, message",
+    [
+        ("user: <image> hello", 0, "1 <image> token(s) for 0 image(s)"),
+        ([3, IMAGE_TOKEN, 6], 0, "1 <image> token(s) for 0 image(s)"),
+        ("user: <image> hello", 2, "1 <image> token(s) for 2 image(s)"),  # vLLM's own assert (a 500) at c7ea9dc
+        ("user: <image> <image> hello", 1, "2 <image> token(s) for 1 image(s)"),
+        ([3, *[IMAGE_TOKEN] * 15, 6], 1, "15 <image> token(s) for 1 image(s)"),  # neither 1 nor v = 16
+    ],
+)
+def test_placeholders_and_images_must_match_before_the_engine(plain_llm, prompt, images, message):
+    """Refused in the frontend with the plugin's 400 error: at c7ea9dc the unmatched ones reached the engine (the
+    <image> id is the LLM's vocabulary size) and stopped it. The engine then still answers."""
+    from saisa.integrations.vllm.processing import SaisaPromptError
+
+    key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+    bad = {key: prompt, "multi_modal_data": {"image": [image(i) for i in range(images)]}} if images else {key: prompt}
+    with pytest.raises(SaisaPromptError, match=re.escape(message)):
+        plain_llm.generate(bad, greedy())
+    assert plain_llm.generate(request(*CASES["one image"]), greedy())[0].outputs[0].token_ids
 
 
 def test_chunked_prefill_smaller_than_an_image_and_prefix_caching_match(saisa_llama):

@@ -15,13 +15,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import save_checkpoint, tiny_model
+from conftest import IMAGE_TOKEN, save_checkpoint, tiny_model
 from openai import OpenAI
 from PIL import Image
 
 from saisa.processing import SaisaProcessor
 
 MAX_TOKENS = 6
+CPU_FLAGS = ["--kv-cache-memory-bytes", "1G"]  # docs/serving.md's CPU command gives a size too (4G there)
 
 
 @pytest.fixture(scope="module", params=["saisa", "naavit"])
@@ -35,11 +36,13 @@ def server(tmp_path_factory, request):
     # the version of a distribution named "vllm"); on GPU machines `vllm serve DIR` runs this same server.
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
     command += ["--served-model-name", "tiny", "--port", str(port), "--dtype", "float32", "--max-model-len", "512"]
+    command += CPU_FLAGS  # the KV cache size docs/serving.md gives; without it vLLM asks for 92% of the machine's RAM
     # not --enforce-eager: the default, where text and decode steps run vLLM's compiled Llama, image steps ours
     if request.param == "naavit":
         command += ["--no-enable-chunked-prefill", "--no-enable-prefix-caching"]  # whole-prompt prefills
     log = open(folder / "server.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+    env = {key: value for key, value in os.environ.items() if key != "VLLM_CPU_KVCACHE_SPACE"}  # the flag alone
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -52,7 +55,7 @@ def server(tmp_path_factory, request):
             time.sleep(1)
         else:
             pytest.fail("vLLM's server did not start:\n" + (folder / "server.log").read_text()[-3000:])
-        yield {"url": url, "model": model, "folder": folder}
+        yield {"url": url, "model": model, "folder": folder, "pid": process.pid}
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -94,3 +97,49 @@ def test_openai_client_gets_our_models_answer_streaming_and_not(server):
         model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
     )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices).strip() == expected
+
+
+# Prompts the engine cannot run, each refused by the plugin (or vLLM) before the engine: at c7ea9dc the first two
+# reached the embedding with the <image> id (= the LLM's vocabulary size) and stopped the engine and the server.
+BAD_COMPLETIONS = {
+    "<image> typed into a completion prompt, no image": ("user: <image> hello", "1 <image> token(s) for 0 image(s)"),
+    "the <image> id in a token prompt, no image": ([3, IMAGE_TOKEN, 6], "1 <image> token(s) for 0 image(s)"),
+    "a token id past the tokenizer": ([3, 5000, 6], "out of vocabulary"),
+}
+
+
+def _chat(text: str, images: int = 0) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": _png(i)[1]}} for i in range(images)]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+
+BAD_CHATS = {
+    "<image> typed into a chat, no image": (_chat("what is <image> ?"), "1 <image> token(s) for 0 image(s)"),
+    # one typed <image> is where vLLM puts the image; two are one too many
+    "two <image> typed beside one image": (_chat("<image> or <image> ?", 1), "2 <image> token(s) for 1 image(s)"),
+}
+
+
+def _answered(url: str) -> None:
+    """A good request after the bad ones: the engine is still serving."""
+    reply = httpx.post(
+        url + "/v1/completions",
+        json={"model": "tiny", "prompt": "user: what is this ?\nassistant:", "max_tokens": 3, "temperature": 0},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize("case", [*BAD_COMPLETIONS, *BAD_CHATS])
+def test_a_bad_prompt_is_that_requests_400_and_the_server_goes_on(server, case):
+    if case in BAD_COMPLETIONS:
+        prompt, message = BAD_COMPLETIONS[case]
+        route, body = "/v1/completions", {"prompt": prompt}
+    else:
+        messages, message = BAD_CHATS[case]
+        route, body = "/v1/chat/completions", {"messages": messages}
+    reply = httpx.post(server["url"] + route, json={"model": "tiny", "max_tokens": 3, **body}, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert message in reply.json()["error"]["message"]
+    _answered(server["url"])
