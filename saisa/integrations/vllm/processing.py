@@ -19,14 +19,17 @@ from functools import cache, cached_property, wraps
 import torch
 from transformers import BatchFeature
 from vllm.exceptions import VLLMValidationError
+from vllm.inputs import MultiModalInput
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import (
     BaseDummyInputsBuilder,
     BaseMultiModalProcessor,
     BaseProcessingInfo,
+    ProcessorInputs,
     PromptReplacement,
     PromptUpdate,
+    TimingContext,
 )
 
 from saisa.configuration_saisa import SaisaConfig
@@ -87,6 +90,10 @@ class SaisaDummyInputsBuilder(BaseDummyInputsBuilder[SaisaProcessingInfo]):
 
 
 class SaisaMultiModalProcessor(BaseMultiModalProcessor[SaisaProcessingInfo]):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        _check_prompts_without_images()
+
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
     ) -> Mapping[str, MultiModalFieldConfig]:
@@ -107,25 +114,21 @@ class SaisaMultiModalProcessor(BaseMultiModalProcessor[SaisaProcessingInfo]):
             )
         ]
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        _check_prompts_without_images()
-
-    def apply(self, inputs, timing_ctx):
+    def apply(self, inputs: ProcessorInputs, timing_ctx: TimingContext) -> MultiModalInput:
         if not isinstance(inputs.prompt, str):  # token ids: every request's prompt (vLLM tokenises first)
             # before vLLM's processing, which records the images as sent to the engine in its multimodal cache
             self.check_prompt(inputs.prompt, inputs.mm_data_items.get_count("image", strict=False))
         return super().apply(inputs, timing_ctx)
 
     def check_prompt(self, prompt: Sequence[int], images: int = 0) -> None:
-        """Raises `SaisaPromptError` (a 400 from vLLM's server) unless the prompt has one `<image>` per image (or, as
-        vLLM also takes, each image's v placeholder ids already in place), every other id is in the LLM's
-        vocabulary, and it does not end with an image."""
+        """Raises `SaisaPromptError` (a 400 from vLLM's server) unless the prompt has one `<image>` per image, every
+        other id is in the LLM's vocabulary, and it does not end with an image. A token prompt with an image's v
+        placeholders already expanded is refused too: vLLM 0.32 would expand each of them again."""
         config = self.info.get_hf_config()
-        vocab, image_token_id, v = config.text_config.vocab_size, config.image_token_id, self.info.tokens_per_image
+        vocab, image_token_id = config.text_config.vocab_size, config.image_token_id
         is_image = [token == image_token_id for token in prompt]
         found = sum(is_image)
-        if found != images and not (v > 1 and found == images * v and _runs_of(is_image, v)):
+        if found != images:
             raise SaisaPromptError(
                 f"the prompt has {found} {IMAGE_TOKEN} token(s) for {images} image(s): put exactly one "
                 f"{IMAGE_TOKEN} where each image goes, and send one image per placeholder"
@@ -142,19 +145,6 @@ class SaisaMultiModalProcessor(BaseMultiModalProcessor[SaisaProcessingInfo]):
                 "SAISA cannot continue a prompt that ends with an image (no query predicts the token after it): "
                 "put text after the last <image>, e.g. the chat template's generation prompt"
             )
-
-
-def _runs_of(is_image: list[bool], v: int) -> bool:
-    """Whether the image positions come in whole images: consecutive runs, each a multiple of v long."""
-    run = 0
-    for flag in [*is_image, False]:
-        if flag:
-            run += 1
-        elif run % v:
-            return False
-        else:
-            run = 0
-    return True
 
 
 class SaisaPromptError(VLLMValidationError, ValueError):
