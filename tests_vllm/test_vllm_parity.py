@@ -137,6 +137,20 @@ def test_placeholders_and_images_must_match_before_the_engine(plain_llm, prompt,
     assert plain_llm.generate(request(*CASES["one image"]), greedy())[0].outputs[0].token_ids
 
 
+def test_ids_past_the_llm_vocabulary_are_refused_even_where_the_tokenizer_has_them(plain_llm):
+    """vLLM's own check lets through any id its tokenizer has; a tokenizer may have more than the LLM's embedding
+    rows (added tokens, our <image>). Checked on the API server's processor directly: the tiny tokenizer ends at
+    <image>, so vLLM refuses any larger id itself first."""
+    from saisa.integrations.vllm.processing import SaisaPromptError
+
+    processor = plain_llm.llm_engine.input_processor.renderer.mm_processor
+    processor.check_prompt([3, IMAGE_TOKEN - 1, 6])
+    with pytest.raises(SaisaPromptError, match=f"token id {IMAGE_TOKEN + 1} at position 1 is outside"):
+        processor.check_prompt([3, IMAGE_TOKEN + 1, 6])
+    with pytest.raises(SaisaPromptError, match="token id -1 at position 0"):
+        processor.check_prompt([-1, 6])
+
+
 def test_chunked_prefill_smaller_than_an_image_and_prefix_caching_match(saisa_llama):
     model, folder = saisa_llama
     # 8-token chunks of one request at a time: every 16-token image is split across steps, and some steps hold image
