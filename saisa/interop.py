@@ -208,7 +208,9 @@ _HF_PREFIXES = [  # (llava-hf prefix, ours), v5 names first
 _EXPORT_PREFIXES = [
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
-    ("vision_tower.model.", "model.vision_tower."),
+    # the Hub's llava-hf layout, which transformers loads and vLLM's LLaVA expects (transformers 5 saves the vision
+    # tower without `vision_model.`, which vLLM cannot load)
+    ("vision_tower.model.", "model.vision_tower.vision_model."),
     ("projector.", "model.multi_modal_projector."),
 ]
 
@@ -298,6 +300,7 @@ def export_llava_hf(model, folder: str | Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
     LlavaConfig(
+        architectures=["LlavaForConditionalGeneration"],  # what vLLM picks its model class by
         vision_config=c.vision_config,
         text_config=c.text_config,
         image_token_index=c.image_token_id,

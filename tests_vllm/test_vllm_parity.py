@@ -4,12 +4,13 @@ caching, every backbone family and vision encoder, and the LLaVA-1.5 and NAAViT 
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import save_checkpoint, start_llm, stop_llm, tiny_model
+from conftest import IMAGE_TOKEN, save_checkpoint, start_llm, stop_llm, tiny_model
 from PIL import Image
 from vllm import SamplingParams
 
@@ -110,6 +111,44 @@ def test_another_image_changes_the_answer(saisa_llama, plain_llm):
 def test_a_prompt_ending_with_an_image_is_refused(plain_llm):
     with pytest.raises(ValueError, match="ends with an image"):
         plain_llm.generate(request("user: what is this ? <image>", [image(1)]), greedy())
+
+
+@pytest.mark.parametrize(
+    "prompt, images, message",
+    [
+        ("user: <image> hello", 0, "1 <image> token(s) for 0 image(s)"),
+        ([3, IMAGE_TOKEN, 6], 0, "1 <image> token(s) for 0 image(s)"),
+        ("user: <image> hello", 2, "1 <image> token(s) for 2 image(s)"),  # vLLM's own assert (a 500) at c7ea9dc
+        ("user: <image> <image> hello", 1, "2 <image> token(s) for 1 image(s)"),
+        ([3, *[IMAGE_TOKEN] * 15, 6], 1, "15 <image> token(s) for 1 image(s)"),
+        # already expanded (v = 16): vLLM 0.32 would expand the first again and leave 15 ids past the vocabulary
+        ([3, *[IMAGE_TOKEN] * 16, 6], 1, "16 <image> token(s) for 1 image(s)"),
+    ],
+)
+def test_placeholders_and_images_must_match_before_the_engine(plain_llm, prompt, images, message):
+    """Refused in the frontend with the plugin's 400 error: at c7ea9dc the unmatched ones reached the engine (the
+    <image> id is the LLM's vocabulary size) and stopped it. The engine then still answers."""
+    from saisa.integrations.vllm.processing import SaisaPromptError
+
+    key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+    bad = {key: prompt, "multi_modal_data": {"image": [image(i) for i in range(images)]}} if images else {key: prompt}
+    with pytest.raises(SaisaPromptError, match=re.escape(message)):
+        plain_llm.generate(bad, greedy())
+    assert plain_llm.generate(request(*CASES["one image"]), greedy())[0].outputs[0].token_ids
+
+
+def test_ids_past_the_llm_vocabulary_are_refused_even_where_the_tokenizer_has_them(plain_llm):
+    """vLLM's own check lets through any id its tokenizer has; a tokenizer may have more than the LLM's embedding
+    rows (added tokens, our <image>). Checked on the API server's processor directly: the tiny tokenizer ends at
+    <image>, so vLLM refuses any larger id itself first."""
+    from saisa.integrations.vllm.processing import SaisaPromptError
+
+    processor = plain_llm.llm_engine.input_processor.renderer.mm_processor
+    processor.check_prompt([3, IMAGE_TOKEN - 1, 6])
+    with pytest.raises(SaisaPromptError, match=f"token id {IMAGE_TOKEN + 1} at position 1 is outside"):
+        processor.check_prompt([3, IMAGE_TOKEN + 1, 6])
+    with pytest.raises(SaisaPromptError, match="token id -1 at position 0"):
+        processor.check_prompt([-1, 6])
 
 
 def test_chunked_prefill_smaller_than_an_image_and_prefix_caching_match(saisa_llama):
