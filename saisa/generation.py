@@ -90,7 +90,7 @@ def answer_batch(
 ) -> list[str]:
     """One answer per (text, images) question, asked as a single user turn; batched with left padding."""
     prompts = [user_prompt(processor, text, len(imgs)) for text, imgs in zip(texts, images, strict=True)]
-    inputs = processor(prompts, images=[image for imgs in images for image in imgs] or None)
+    inputs = processor(text=prompts, images=[image for imgs in images for image in imgs] or None, return_tensors="pt")
     prompt_length = inputs["input_ids"].shape[1]
     out = model.generate(
         **inputs,
