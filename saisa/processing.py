@@ -415,6 +415,9 @@ class SaisaProcessor(ProcessorMixin):
     # -- persistence ---------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> list[str]:
         files = super().save_pretrained(save_directory, **kwargs)
+        from saisa.portable import AUTO_MODULE, add_auto_map
+
+        add_auto_map(Path(save_directory) / PROCESSOR_NAME, {"AutoProcessor": f"{AUTO_MODULE}.{type(self).__name__}"})
         p = self.preprocessing
         settings = {
             "image_token": self.image_token,
