@@ -87,7 +87,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 model = AutoModelForImageTextToText.from_pretrained("THIS_FOLDER")
 processor = AutoProcessor.from_pretrained("THIS_FOLDER")
-messages = [{{"role": "user", "content": [{{"type": "image", "image": "photo.jpg"}}, {{"type": "text", "text": "What is this?"}}]}}]
+content = [{{"type": "image", "image": "photo.jpg"}}, {{"type": "text", "text": "What is this?"}}]
+messages = [{{"role": "user", "content": content}}]
 inputs = processor.apply_chat_template(
     messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
 )
