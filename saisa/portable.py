@@ -17,32 +17,45 @@ logger = logging.getLogger(__name__)
 
 AUTO_MODULE = "saisa_auto"
 
-_MODULE_TEXT = '''"""A saisa model folder (https://pypi.org/project/saisa/). Open it with:
+_MODULE_DOC = '''"""A saisa model folder (https://pypi.org/project/saisa/). Open it with:
 
     pip install saisa
     import saisa  # registers the model type with transformers' Auto classes
 
 transformers runs this file only for `trust_remote_code=True`; all it does is import saisa's classes.
 """
-
-from saisa import *  # noqa: F401,F403
 '''
+
+
+def _model_classes(config_class) -> dict[str, type]:
+    """Auto class name -> the class saisa registers for `config_class`."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    found = {}
+    for auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
+        model_class = auto_class._model_mapping.get(config_class, None)
+        if model_class is not None:
+            found[auto_class.__name__] = model_class
+    return found
 
 
 def auto_map(config_class) -> dict[str, str]:
     """auto_map for config.json: each Auto class saisa registers `config_class` with, to the class it names."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    entries = {AutoConfig.__name__: f"{AUTO_MODULE}.{config_class.__name__}"}
-    for auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
-        model_class = auto_class._model_mapping.get(config_class, None)
-        if model_class is not None:
-            entries[auto_class.__name__] = f"{AUTO_MODULE}.{model_class.__name__}"
+    entries = {"AutoConfig": f"{AUTO_MODULE}.{config_class.__name__}"}
+    entries.update({name: f"{AUTO_MODULE}.{cls.__name__}" for name, cls in _model_classes(config_class).items()})
     return entries
 
 
 def write_auto_module(folder: str | Path) -> None:
-    (Path(folder) / f"{AUTO_MODULE}.py").write_text(_MODULE_TEXT)
+    """`saisa_auto.py`: imports of every class an auto_map of ours names, from where saisa defines it."""
+    from saisa.configuration_saisa import SaisaConfig
+    from saisa.processing import SaisaProcessor
+    from saisa.vision.image_processing import SaisaImageProcessor
+
+    classes = [SaisaConfig, *_model_classes(SaisaConfig).values(), SaisaProcessor, SaisaImageProcessor]
+    imports = sorted({f"from {cls.__module__} import {cls.__name__}  # noqa: F401" for cls in classes})
+    text = _MODULE_DOC + "\nimport saisa  # noqa: F401  (registers the model type)\n" + "\n".join(imports) + "\n"
+    (Path(folder) / f"{AUTO_MODULE}.py").write_text(text)
 
 
 def add_auto_map(json_file: str | Path, entries: dict[str, str]) -> None:
