@@ -273,9 +273,12 @@ class SaisaProcessor(ProcessorMixin):
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None) or images_kwargs.get("return_tensors")
         images_kwargs.pop("return_tensors", None)
-        return_offsets = text_kwargs.pop("return_text_replacement_offsets", False)
-        for key in ("return_mm_token_type_ids", "sanitize_control_tokens"):
-            text_kwargs.pop(key, None)
+        # transformers >= 5.20 merges these two beside the modality kwargs, earlier ones into text_kwargs
+        return_offsets = text_kwargs.pop(
+            "return_text_replacement_offsets", merged.get("return_text_replacement_offsets")
+        )
+        return_mm_types = text_kwargs.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids"))
+        text_kwargs.pop("sanitize_control_tokens", None)
         flat = _flatten_images(images)
         data = {}
         if text is not None:
@@ -291,6 +294,8 @@ class SaisaProcessor(ProcessorMixin):
             encoded = self.tokenizer(texts, **text_kwargs)
             self._refuse_cut_images(encoded["input_ids"], placeholders, text_kwargs)
             data = dict(encoded)
+            if return_mm_types:  # 1 where an image goes (transformers' convention: 1 image, 2 video)
+                data["mm_token_type_ids"] = [[int(t == self.image_token_id) for t in row] for row in data["input_ids"]]
             if return_offsets:  # each <image> stays itself: the model, not the text, expands it
                 data["text_replacement_offsets"] = [self._image_spans(t) for t in texts]
         if flat:

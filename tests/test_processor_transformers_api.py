@@ -89,6 +89,12 @@ def test_truncation_never_cuts_an_image_whose_pixels_are_given():
 def test_num_multimodal_tokens_counts_the_placeholders_the_processor_writes():
     processor = tiny_chat_processor()
     sizes = [(10, 30), (40, 40)]
-    inputs = processor(text=["<image> what", "<image> ?"], images=[image(s[0]) for s in sizes], return_tensors="pt")
+    inputs = processor(
+        text=["<image> what", "<image> ?"],
+        images=[image(s[0]) for s in sizes],
+        return_mm_token_type_ids=True,
+        return_tensors="pt",
+    )
     counts = (inputs["input_ids"] == processor.image_token_id).sum(1).tolist()
+    assert inputs["mm_token_type_ids"].sum(1).tolist() == counts
     assert processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"] == counts == [1, 1]
