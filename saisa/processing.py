@@ -165,7 +165,7 @@ class SaisaProcessorKwargs(ProcessingKwargs, total=False):
 def _content_is_list(template: str) -> bool:
     """Whether a chat template reads message content as a list of `{"type": ...}` items (transformers' message
     format, e.g. llava-hf's templates) rather than as a string (most LLM templates): it loops over, indexes or filters
-    a `content`. The same test vLLM makes of a template's Jinja syntax tree."""
+    a `content` (read off the template's Jinja syntax tree, as vLLM detects a template's content format)."""
     from jinja2 import nodes
     from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -273,7 +273,7 @@ class SaisaProcessor(ProcessorMixin):
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None) or images_kwargs.get("return_tensors")
         images_kwargs.pop("return_tensors", None)
-        # transformers >= 5.20 merges these two beside the modality kwargs, earlier ones into text_kwargs
+        # newer transformers (5.25) merge these two beside the modality kwargs, older ones (5.19) into text_kwargs
         return_offsets = text_kwargs.pop(
             "return_text_replacement_offsets", merged.get("return_text_replacement_offsets")
         )
