@@ -57,6 +57,15 @@ class SaisaConfig(PreTrainedConfig):
     def get_text_config(self, *args, **kwargs) -> PreTrainedConfig:
         return self.text_config
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """Also an `auto_map` and a model card, so that the folder says how to open it (`saisa.portable`)."""
+        from saisa import portable
+
+        self.auto_map = portable.auto_map(type(self))
+        super().save_pretrained(save_directory, *args, **kwargs)
+        portable.write_auto_module(save_directory)
+        portable.write_model_card(save_directory, self)
+
 
 def _as_config(config: PreTrainedConfig | dict | None, *, default_type: str) -> PreTrainedConfig:
     if config is None:

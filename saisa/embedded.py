@@ -36,19 +36,27 @@ def load_smollm2() -> tuple[PreTrainedModel, object]:
     """SmolLM2-135M-Instruct as a plain fp32 `LlamaForCausalLM` and its tokenizer (with chat template)."""
     cached = cache_dir() / "smollm2-135m-instruct"
     if not (cached / "model.safetensors").exists():
-        folder = _smollm2_folder()
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        config_dict = gguf_model.config.to_dict()
-        config_dict.pop("quantization_config", None)
-        plain = LlamaForCausalLM(LlamaConfig(**config_dict))
-        plain.load_state_dict(gguf_model.state_dict())
-        partial = cached.with_name(cached.name + ".partial")
-        plain.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        partial.rename(cached)  # atomic: a half-written cache is never picked up
+        # Filling the cache builds (and randomly initialises) throw-away models: on a forked RNG, so that the same
+        # seed starts the same run whether or not this machine's cache was warm.
+        with torch.random.fork_rng(devices=[]):
+            _fill_smollm2_cache(cached)
     model = LlamaForCausalLM.from_pretrained(cached, dtype=torch.float32)
     return model, AutoTokenizer.from_pretrained(cached)
+
+
+def _fill_smollm2_cache(cached: Path) -> None:
+    """Dequantise SmolLM2's GGUF once into a plain safetensors folder at `cached`."""
+    folder = _smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    plain = LlamaForCausalLM(LlamaConfig(**config_dict))
+    plain.load_state_dict(gguf_model.state_dict())
+    partial = cached.with_name(cached.name + ".partial")
+    plain.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(cached)  # atomic: a half-written cache is never picked up
 
 
 def build_embedded_default(architecture: str = "saisa", *, image_size: int = 224, **config_kwargs):

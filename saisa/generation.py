@@ -90,7 +90,34 @@ def answer_batch(
 ) -> list[str]:
     """One answer per (text, images) question, asked as a single user turn; batched with left padding."""
     prompts = [user_prompt(processor, text, len(imgs)) for text, imgs in zip(texts, images, strict=True)]
-    inputs = processor(prompts, images=[image for imgs in images for image in imgs] or None)
+    return answer_prompts(
+        model,
+        processor,
+        prompts,
+        images,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        stop=stop,
+        streamer=streamer,
+    )
+
+
+@torch.no_grad()
+def answer_prompts(
+    model,
+    processor,
+    prompts: list[str],
+    images: list[list],
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | tuple[str, ...] = (),
+    streamer=None,
+) -> list[str]:
+    """One answer per rendered prompt (holding `<image>` once per image of its row); batched with left padding."""
+    inputs = processor(text=prompts, images=[image for imgs in images for image in imgs] or None, return_tensors="pt")
     prompt_length = inputs["input_ids"].shape[1]
     out = model.generate(
         **inputs,

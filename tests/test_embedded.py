@@ -34,13 +34,15 @@ def test_embedded_default_batches_real_photos(embedded):
     model, processor = embedded
     photos = [Image.fromarray(data.chelsea()), Image.fromarray(data.astronaut())]
     prompts = [
-        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}])
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
         for q in ("What is this?", "Describe the picture in detail, please.")
     ]
-    batch = processor(prompts, images=photos)
+    batch = processor(text=prompts, return_tensors="pt", images=photos)
     with torch.no_grad():
         batched = model(**batch).logits
         for row in range(2):
-            single = processor(prompts[row], images=[photos[row]])
+            single = processor(text=prompts[row], return_tensors="pt", images=[photos[row]])
             logits = model(**single).logits[0]
             torch.testing.assert_close(batched[row, -logits.shape[0] :], logits, atol=2e-4, rtol=1e-4)

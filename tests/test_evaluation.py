@@ -220,9 +220,10 @@ def test_continuation_loglikelihood_against_a_manual_sum():
     image = Image.new("RGB", (16, 16), "white")
     logprob, greedy = continuation_loglikelihood(model, processor, "what ?", [image], "w20 w21")
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what ?"}]}]
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what ?"}]}],
+        add_generation_prompt=True,
     )
-    inputs = processor(prompt, images=[image])
+    inputs = processor(text=prompt, return_tensors="pt", images=[image])
     total, ids, pixels = 0.0, inputs["input_ids"], inputs["pixel_values"]
     with torch.no_grad():
         for token in (20, 21):  # token by token, each step a fresh forward

@@ -47,8 +47,13 @@ def test_open_image_refuses_from_the_header(bombs, name):
 def test_processor_names_the_refused_image(bombs):
     processor = tiny_processor()
     with pytest.raises(ValueError, match="refusing image .*bomb.png"):
-        processor("what <image>", images=[bombs / "bomb.png"])
-    assert processor("what <image>", images=[bombs / "ok.png"])["pixel_values"].shape == (1, 3, 16, 16)
+        processor(text="what <image>", return_tensors="pt", images=[bombs / "bomb.png"])
+    assert processor(text="what <image>", return_tensors="pt", images=[bombs / "ok.png"])["pixel_values"].shape == (
+        1,
+        3,
+        16,
+        16,
+    )
 
 
 def test_training_data_reports_or_skips_the_refused_image(bombs):

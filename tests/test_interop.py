@@ -135,7 +135,8 @@ def test_convert_cli_writes_a_folder_with_the_training_template(tmp_path):
     processor = SaisaProcessor.from_pretrained(tmp_path / "ours")
     assert processor.template == "vicuna_v1"
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
+        add_generation_prompt=True,
     )
     assert prompt.endswith("USER: <image>\nWhat? ASSISTANT:") and prompt.startswith("<s>A chat between")
     model = SaisaForConditionalGeneration.from_pretrained(tmp_path / "ours")
@@ -169,7 +170,7 @@ def test_llama3_checkpoints_get_the_llava_llama3_template(tmp_path):
     write_authors_layout(tiny_model("saisa"), tmp_path / "release")
     model = SaisaForConditionalGeneration.from_pretrained(tmp_path / "release")
     processor = processor_for_foreign(tmp_path / "release", model, template="llama3")
-    prompt = processor.apply_chat_template([{"role": "user", "content": "hi"}])
+    prompt = processor.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert prompt.endswith(
         "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )

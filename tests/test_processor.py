@@ -14,7 +14,7 @@ from saisa.processing import SaisaProcessor
 def test_placeholder_is_one_token_and_images_are_stacked():
     processor = make_processor()
     images = [[Image.new("RGB", (20, 10), "red")], [Image.new("RGB", (8, 8)), Image.new("RGB", (5, 9))]]
-    batch = processor(["what is <image> ?", "<image> and <image> a cat"], images=images)
+    batch = processor(text=["what is <image> ?", "<image> and <image> a cat"], return_tensors="pt", images=images)
     assert (batch["input_ids"] == processor.image_token_id).sum().item() == 3
     assert batch["pixel_values"].shape == (3, 3, 16, 16)
     assert batch["attention_mask"][0, 0] == 0  # left padding by default
@@ -31,10 +31,11 @@ def test_pad_to_square_keeps_aspect_ratio():
 def test_chat_template_with_image_items_and_model_round_trip():
     processor = make_processor()
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]}]
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]}],
+        add_generation_prompt=True,
     )
     assert prompt.startswith("user: <image>\nwhat is this ?") and prompt.endswith("assistant:")
-    batch = processor(prompt, images=[Image.new("RGB", (16, 16))])
+    batch = processor(text=prompt, return_tensors="pt", images=[Image.new("RGB", (16, 16))])
     model = tiny_model("saisa")
     model.config.image_token_id = processor.image_token_id
     with torch.no_grad():
@@ -43,17 +44,17 @@ def test_chat_template_with_image_items_and_model_round_trip():
 
 def test_count_mismatch_is_named():
     with pytest.raises(ValueError, match=r"1 <image> placeholder\(s\) but 2 image\(s\)"):
-        make_processor()("what is <image>", images=[Image.new("RGB", (4, 4))] * 2)
+        make_processor()(text="what is <image>", images=[Image.new("RGB", (4, 4))] * 2)
 
 
 def test_missing_and_corrupt_image_files_are_named(tmp_path):
     processor = make_processor()
     with pytest.raises(FileNotFoundError, match="image not found: .*nope.png"):
-        processor("<image>", images=[str(tmp_path / "nope.png")])
+        processor(text="<image>", return_tensors="pt", images=[str(tmp_path / "nope.png")])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="cannot decode image .*bad.jpg"):
-        processor("<image>", images=[str(bad)])
+        processor(text="<image>", return_tensors="pt", images=[str(bad)])
 
 
 def test_save_and_load(tmp_path):
@@ -64,6 +65,6 @@ def test_save_and_load(tmp_path):
     assert loaded.preprocessing == processor.preprocessing
     text = "<image> what is a cat ?"
     assert torch.equal(
-        loaded(text, images=[Image.new("RGB", (3, 3))])["input_ids"],
-        processor(text, images=[Image.new("RGB", (3, 3))])["input_ids"],
+        loaded(text=text, return_tensors="pt", images=[Image.new("RGB", (3, 3))])["input_ids"],
+        processor(text=text, return_tensors="pt", images=[Image.new("RGB", (3, 3))])["input_ids"],
     )

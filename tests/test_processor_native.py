@@ -65,10 +65,20 @@ def test_auto_processor_round_trip(tmp_path):
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), SaisaImageProcessor)
     assert loaded.image_token_id == processor.image_token_id and loaded.pad_to_square
     assert loaded.preprocessing == processor.preprocessing and loaded.chat_template == processor.chat_template
-    prompt = processor.apply_chat_template(chat({"type": "image"}, {"type": "text", "text": "what is this ?"}))
-    assert loaded.apply_chat_template(chat({"type": "image"}, {"type": "text", "text": "what is this ?"})) == prompt
+    prompt = processor.apply_chat_template(
+        chat({"type": "image"}, {"type": "text", "text": "what is this ?"}), add_generation_prompt=True
+    )
+    assert (
+        loaded.apply_chat_template(
+            chat({"type": "image"}, {"type": "text", "text": "what is this ?"}), add_generation_prompt=True
+        )
+        == prompt
+    )
     image = noise(24, 10)
-    assert_same_batch(loaded(prompt, images=[image]), processor(prompt, images=[image]))
+    assert_same_batch(
+        loaded(text=prompt, return_tensors="pt", images=[image]),
+        processor(text=prompt, return_tensors="pt", images=[image]),
+    )
 
 
 def test_every_auto_class_loads_a_saved_folder(tmp_path):
@@ -91,12 +101,17 @@ def test_chat_template_tokenized_carries_the_images_in_order(tmp_path):
         {"type": "text", "text": "what is this ?"},
         {"type": "image", "url": str(tmp_path / "second.png")},
     )
-    prompt = processor.apply_chat_template(messages)  # tokenize=False: the prompt string, as before
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)  # tokenize=False: the prompt string
     assert isinstance(prompt, str) and prompt.count("<image>") == 2 and prompt.endswith("assistant:")
-    batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True)
-    assert_same_batch(batch, processor(prompt, images=[first, second]))
+    batch = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
+    )
+    assert_same_batch(batch, processor(text=prompt, return_tensors="pt", images=[first, second]))
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
-    assert torch.equal(processor.apply_chat_template(messages, tokenize=True), batch["input_ids"])
+    assert torch.equal(
+        processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_tensors="pt"),
+        batch["input_ids"],
+    )
 
 
 def test_an_image_item_without_an_image_is_refused_when_tokenizing():
@@ -112,10 +127,13 @@ def test_named_template_tokenized():
     )
     image = noise(16, 16)
     messages = chat({"type": "image", "image": image}, {"type": "text", "text": "what is this ?"})
-    prompt = processor.apply_chat_template(messages)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt.startswith("<s>A chat between") and prompt.endswith("USER: <image>\nwhat is this ? ASSISTANT:")
     assert_same_batch(
-        processor.apply_chat_template(messages, tokenize=True, return_dict=True), processor(prompt, images=[image])
+        processor.apply_chat_template(
+            messages, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
+        ),
+        processor(text=prompt, return_tensors="pt", images=[image]),
     )
 
 
@@ -125,7 +143,9 @@ def test_pipeline_gives_what_generate_gives(tmp_path):
     processor.save_pretrained(tmp_path)
     image = noise(20, 12)
     messages = chat({"type": "image", "image": image}, {"type": "text", "text": "what is this ?"})
-    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True)
+    inputs = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
+    )
     with torch.no_grad():
         expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     answer = processor.decode(expected[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -138,7 +158,7 @@ def test_pipeline_gives_what_generate_gives(tmp_path):
     assert pipe(text=messages, max_new_tokens=6, do_sample=False, return_full_text=False)[0]["generated_text"] == (
         " " + answer
     )
-    prompt = processor.apply_chat_template(messages)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert (
         pipe(images=[image], text=prompt, max_new_tokens=6, do_sample=False, return_full_text=False)[0][
             "generated_text"
@@ -167,7 +187,8 @@ def test_a_folder_saved_by_the_old_processor_loads(tmp_path):
     assert loaded.template == "vicuna_v1" and loaded.preprocessing == reference.preprocessing
     image = noise(30, 11)
     assert_same_batch(
-        loaded("<image> what is a cat ?", images=[image]), reference("<image> what is a cat ?", images=[image])
+        loaded(text="<image> what is a cat ?", return_tensors="pt", images=[image]),
+        reference(text="<image> what is a cat ?", return_tensors="pt", images=[image]),
     )
     tiny_model().save_pretrained(tmp_path)  # a model folder: AutoProcessor finds the processor through config.json
     assert isinstance(AutoProcessor.from_pretrained(tmp_path), SaisaProcessor)

@@ -82,8 +82,8 @@ def _expected_ids(served, question: str, images: list[Image.Image], max_tokens: 
     """The greedy answer of `generate` for the request alone (the reference every served answer is held to)."""
     model, processor = served["model"], served["processor"]
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}])
-    inputs = processor(prompt, images=images or None)
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=prompt, return_tensors="pt", images=images or None)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
     return [t for t in out[0, inputs["input_ids"].shape[1] :].tolist() if t not in (0, 2)]
@@ -204,8 +204,8 @@ def test_chat_session_reuses_the_kv_of_earlier_turns():
     first_total = session.ids.shape[1]
     second = session.ask("what ?", [_png(4)[0]])
     # recomputing the whole conversation from scratch gives the same second answer
-    prompt = processor.apply_chat_template(session.messages[:-1])
-    inputs = processor(prompt, images=[image, _png(4)[0]])
+    prompt = processor.apply_chat_template(session.messages[:-1], add_generation_prompt=True)
+    inputs = processor(text=prompt, return_tensors="pt", images=[image, _png(4)[0]])
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip() == second
@@ -434,9 +434,10 @@ def test_stop_strings_logprobs_and_usage(served):
     assert choice["message"]["content"] == expected and choice["finish_reason"] == "stop"
     # usage: the prompt's text tokens plus every visual token (v per image), independently counted
     prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]}]
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is this ?"}]}],
+        add_generation_prompt=True,
     )
-    inputs = processor(prompt, images=[image])
+    inputs = processor(text=prompt, return_tensors="pt", images=[image])
     v = (16 // 4) ** 2  # the tiny CLIP: 16x16 images in 4x4 patches
     assert reply["usage"]["prompt_tokens"] == inputs["input_ids"].shape[1] - 1 + v
     # logprobs: each token's log-probability from one forward over prompt + answer
@@ -592,7 +593,9 @@ def test_step_decoder_rows_that_leave_early_leave_the_others_as_generate_makes_t
     model, processor = tiny_model(architecture), tiny_chat_processor()
     requests = [("what is this ?", [_png(0)[0]], 3), ("what ?", [], 12), ("is this ?", [_png(1)[0], _png(2)[0]], 30)]
     prompts = [user_prompt(processor, question, len(images)) for question, images, _ in requests]
-    inputs = processor(prompts, images=[image for _, images, _ in requests for image in images])
+    inputs = processor(
+        text=prompts, return_tensors="pt", images=[image for _, images, _ in requests for image in images]
+    )
     decoder = StepDecoder(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
     rows, answers = [0, 1, 2], [[], [], []]
     while rows:

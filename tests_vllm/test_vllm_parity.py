@@ -40,7 +40,7 @@ def request(prompt: str, images: list) -> dict:
 def reference(model, folder, prompt: str, images: list, length: int = 0) -> tuple[list[int], list[torch.Tensor]]:
     """Our model's greedy tokens (exactly `length` if given: EOS masked until then) and, per position, its
     log-probabilities from the raw logits."""
-    inputs = SaisaProcessor.from_pretrained(folder)(prompt, images=images or None)
+    inputs = SaisaProcessor.from_pretrained(folder)(text=prompt, images=images or None, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
             **inputs,

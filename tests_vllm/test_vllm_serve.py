@@ -76,8 +76,8 @@ def _png(seed: int) -> tuple[Image.Image, str]:
 def _expected(server, question: str, image: Image.Image) -> str:
     processor = SaisaProcessor.from_pretrained(server["folder"])
     content = [{"type": "image"}, {"type": "text", "text": question}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}])
-    inputs = processor(prompt, images=[image])
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=prompt, return_tensors="pt", images=[image])
     with torch.no_grad():
         out = server["model"].generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
     return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

@@ -28,9 +28,8 @@ def run(args: argparse.Namespace) -> int:
         from saisa.loading import load_pretrained
 
         model, processor = load_pretrained(args.source, device="cpu", dtype=torch.float32)
-        export_llava_hf(model, args.destination)
-        processor.tokenizer.save_pretrained(args.destination)
-        print(f"wrote {args.destination} (transformers LlavaForConditionalGeneration layout)")
+        export_llava_hf(model, args.destination, processor)
+        print(f"wrote {args.destination} (transformers LlavaForConditionalGeneration and LlavaProcessor layout)")
         return 0
     layout = detect_layout(args.source)
     model = load_foreign(args.source, architecture=args.architecture)

@@ -289,8 +289,12 @@ def efficiency_curve(image_sizes: list[int], test_questions: Path, repeats: int,
             torch.manual_seed(0)
             model, processor = build_embedded_default(arch, image_size=size)
             model.to(device or "cpu")
-            prompt = processor(user_prompt(processor, rows[0]["text"], 1), images=images[:1])
-            batch = processor([user_prompt(processor, row["text"], 1) + " " + row["answer"] for row in rows], images)
+            prompt = processor(text=user_prompt(processor, rows[0]["text"], 1), images=images[:1], return_tensors="pt")
+            batch = processor(
+                text=[user_prompt(processor, row["text"], 1) + " " + row["answer"] for row in rows],
+                images=images,
+                return_tensors="pt",
+            )
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
             text_tokens = int(prompt["input_ids"].shape[1])
             model.eval()

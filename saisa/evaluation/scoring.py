@@ -12,7 +12,7 @@ from saisa.generation import user_prompt
 def continuation_loglikelihood(model, processor, text: str, images: list, continuation: str) -> tuple[float, bool]:
     """log p(continuation | question with images), and whether greedy decoding would produce it."""
     prompt = user_prompt(processor, text, len(images))
-    context = processor(prompt, images=images or None)
+    context = processor(text=prompt, images=images or None, return_tensors="pt")
     target = processor.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"]
     ids = torch.cat([context["input_ids"], target], 1)
     target = target.to(model.device)

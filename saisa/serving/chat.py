@@ -26,7 +26,7 @@ class ChatSession:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         turn = {"role": "user", "content": content}  # kept only if the turn succeeds
         prompt = self.processor.apply_chat_template([*self.messages, turn], add_generation_prompt=True)
-        full = self.processor(prompt, images=self.images + images)
+        full = self.processor(text=prompt, images=self.images + images, return_tensors="pt")
         ids = full["input_ids"]
         reuse = (
             self.ids is not None
