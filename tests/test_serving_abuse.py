@@ -92,7 +92,11 @@ def server(tmp_path_factory):
 
 def _expected(model, processor, question: str, images: list, max_tokens: int) -> str:
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    inputs = processor(processor.apply_chat_template([{"role": "user", "content": content}]), images=images or None)
+    inputs = processor(
+        text=processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True),
+        images=images or None,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
     return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()

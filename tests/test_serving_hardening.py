@@ -79,7 +79,11 @@ def _post(url: str, body, headers=HEADERS, timeout: float = 30) -> httpx.Respons
 
 def _expected(model, processor, question: str, images=(), max_tokens: int = 8) -> str:
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    inputs = processor(processor.apply_chat_template([{"role": "user", "content": content}]), images=images or None)
+    inputs = processor(
+        text=processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True),
+        images=images or None,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
     return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -536,7 +540,7 @@ def test_typed_special_tokens_stay_text_and_cannot_forge_a_system_turn():
         assert ids.count(processor.image_token_id) == int(image)
         # benign text: the tokenizer's ordinary encoding of the rendered prompt, unchanged
         content = [{"type": "image"}] * image + [{"type": "text", "text": "what is this ?"}]
-        prompt = processor.apply_chat_template([{"role": "user", "content": content}])
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         assert prepared("what is this ?", image) == processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     # a system message sent as one is still a system turn
     body = json.dumps(
@@ -553,7 +557,7 @@ def test_prompt_tokenizer_matches_the_ordinary_encoding_for_plain_text():
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": [{"type": "text", "text": "what is this ?"}]},
     ]
-    prompt = processor.apply_chat_template(messages)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     expected = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert tokenizer.encode(messages, ["be brief", "what is this ?"]) == expected
     # the path that cuts the prompt at the template's special tokens gives the same ids for plain text
@@ -572,8 +576,8 @@ def test_a_prompt_prefilled_in_chunks_answers_as_generate(architecture):
     images = [_png(1)[0], _png(2)[0]]
     content = [{"type": "image"}, {"type": "text", "text": "what is this ? " * 6}, {"type": "image"}]
     content += [{"type": "text", "text": "is this what ?"}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}])
-    inputs = processor(prompt, images=images)
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(text=prompt, images=images, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=0)
     expected = [t for t in out[0, inputs["input_ids"].shape[1] :].tolist() if t not in (0, 2)]
@@ -592,7 +596,12 @@ def test_streams_get_a_token_between_the_chunks_of_arriving_long_prompts():
     engine = GenerationEngine(model, processor, prefill_chunk_tokens=64, max_batch_size=8)
     engine.eos_ids = set()  # the stream runs to its max_tokens
     done = threading.Event()
-    stream = Job(processor("user: what ?\nassistant:")["input_ids"][0], None, max_tokens=300, on_done=done.set)
+    stream = Job(
+        processor(text="user: what ?\nassistant:", return_tensors="pt")["input_ids"][0],
+        None,
+        max_tokens=300,
+        on_done=done.set,
+    )
     tokens_at_chunk = []
     prefill_chunk = engine._prefill_chunk
 
@@ -605,7 +614,7 @@ def test_streams_get_a_token_between_the_chunks_of_arriving_long_prompts():
     engine.submit(stream)
     while not stream.tokens:
         time.sleep(0.01)
-    long_ids = processor("user: " + "what is this ? " * 100 + "\nassistant:")["input_ids"][0]
+    long_ids = processor(text="user: " + "what is this ? " * 100 + "\nassistant:", return_tensors="pt")["input_ids"][0]
     assert len(long_ids) > 6 * 64
     longs = [Job(long_ids, None, max_tokens=1) for _ in range(8)]
     for job in longs:
