@@ -351,3 +351,28 @@ def test_only_a_first_save_cut_short_starts_afresh(tmp_path):
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / "model.safetensors").write_bytes(b"half")
     assert last_good_checkpoint(tmp_path) is None
+
+
+def test_files_added_or_swapped_for_links_after_the_save_are_refused(tmp_path, every_two_steps, caplog):
+    """A consolidated model file added to a checkpoint would be loaded in place of its own weights (transformers
+    prefers it to a sharded index), so a file the manifest does not list is refused like a damaged one; a listed file
+    replaced by a link to another checkpoint's copy is caught by its hash."""
+    from saisa.training.trainer import last_good_checkpoint
+
+    recipe, _ = every_two_steps
+    out = Path(_interrupted_after_step_five(recipe, tmp_path / "added")["output_dir"])
+    added = out / "checkpoint-4" / "pytorch_model.bin"
+    shutil.copy(out / "checkpoint-2" / "model.safetensors", added)
+    assert last_good_checkpoint(out) == out / "checkpoint-2"
+    assert f"cannot resume from checkpoint-4: {added}: not in the manifest" in caplog.text
+    caplog.clear()
+    assert last_good_checkpoint(out, "weights-only") == out / "checkpoint-2"
+    added.unlink()
+    assert last_good_checkpoint(out) == out / "checkpoint-4"
+
+    linked = out / "checkpoint-4" / "model.safetensors"
+    linked.unlink()
+    linked.symlink_to(out / "checkpoint-2" / "model.safetensors")
+    caplog.clear()
+    assert last_good_checkpoint(out) == out / "checkpoint-2"
+    assert f"{linked}: " in caplog.text

@@ -244,12 +244,16 @@ def _hash_all(paths: list[Path]) -> list[str]:
         return list(pool.map(_sha256, paths))
 
 
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """Every file of a checkpoint but its manifest and marker (and their temporary names)."""
+    own = {MANIFEST, COMPLETE_MARKER, MANIFEST + ".tmp", COMPLETE_MARKER + ".tmp"}
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in own)
+
+
 def write_manifest(folder: Path) -> str:
     """`checkpoint_manifest.json`: size and SHA-256 of every file of the checkpoint (subfolders too: DeepSpeed's
     global_stepN/, FSDP's sharded states). Returns the manifest's own SHA-256, which the completion marker records."""
-    paths = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE_MARKER, MANIFEST + ".tmp")
-    )
+    paths = _checkpoint_files(folder)
     files = {
         p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": digest}
         for p, digest in zip(paths, _hash_all(paths), strict=True)
@@ -314,6 +318,11 @@ def checkpoint_problem(checkpoint: Path, *, full: bool = True, weights_only: boo
         size = path.stat().st_size
         if size != entry["size"]:
             return f"{path}: {size} bytes where the manifest says {entry['size']} (truncated or overwritten)"
+    # transformers loads a consolidated model.safetensors or pytorch_model.bin in preference to a sharded index, and
+    # any adapter subfolder: a file added after the save can replace the weights as surely as a damaged one.
+    added = [p for p in _checkpoint_files(checkpoint) if p.relative_to(checkpoint).as_posix() not in files]
+    if added:
+        return f"{added[0]}: not in the manifest (added after the save)"
     if full:
         for (path, entry), digest in zip(checked, _hash_all([path for path, _ in checked]), strict=True):
             if digest != entry["sha256"]:
