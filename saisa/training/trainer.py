@@ -211,11 +211,15 @@ def disk_errors(path: Path, *, remove_on_failure: bool):
             raise
         written = getattr(error, "filename", None) or path
         if remove_on_failure:
-            shutil.rmtree(path, ignore_errors=True) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+            if Path(path).is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                Path(path).unlink(missing_ok=True)
         free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
+        kept = f"removed the partial save {path}" if remove_on_failure else f"{path} may hold a partial save"
         raise OSError(
             errno.ENOSPC,
-            f"no space left on device while writing {written} ({free} bytes free now; removed the partial save; "
+            f"no space left on device while writing {written} ({free} bytes free now; {kept}; "
             f"the writer said: {message[:200]})",
         ) from error
 
