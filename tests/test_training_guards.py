@@ -69,6 +69,30 @@ def test_patience_skips_the_non_finite_step_and_keeps_the_weights_finite(tmp_pat
         run_training(recipe)
 
 
+def test_under_deepspeed_a_non_finite_step_stops_whatever_the_patience():
+    """DeepSpeed's engine has applied the update before the guard runs: skipping is impossible there, so patience
+    would let NaN weights train on and be saved with exit 0."""
+    from types import SimpleNamespace
+
+    from saisa.training.trainer import NonFiniteGuard
+
+    model = torch.nn.Linear(2, 2)
+    model(torch.ones(1, 2)).sum().backward()
+
+    def guard(deepspeed: bool) -> NonFiniteGuard:
+        trainer = SimpleNamespace(
+            model_wrapped=model, is_deepspeed_enabled=deepspeed, step_loss_finite=torch.tensor(False)
+        )
+        return NonFiniteGuard(trainer, patience=3)
+
+    args, state = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(global_step=6)
+    guard(deepspeed=False).on_pre_optimizer_step(args, state, None)  # skipped: within patience
+    assert model.weight.grad is None
+    model(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 7 .*DeepSpeed cannot honour"):
+        guard(deepspeed=True).on_pre_optimizer_step(args, state, None)
+
+
 # --- data refused before training ----------------------------------------------------------------------------------
 
 

@@ -184,11 +184,15 @@ class NonFiniteGuard(TrainerCallback):
         step = state.global_step + 1
         what = "loss" if not loss_ok else "gradient norm"
         self.in_a_row += 1
-        if self.in_a_row > self.patience:
+        # DeepSpeed's engine applies the update inside backward, before this runs: a "skipped" step would already be
+        # in the weights, so there every non-finite step stops training.
+        applied = getattr(trainer, "is_deepspeed_enabled", False)
+        if self.in_a_row > self.patience or applied:
             raise FloatingPointError(
                 f"non-finite {what} at step {step} ({self.in_a_row} non-finite step(s) in a row, "
-                f"training.nonfinite_patience={self.patience}): stopping; lower the learning rate, check the data, "
-                "or resume from the last checkpoint"
+                f"training.nonfinite_patience={self.patience}"
+                + (", which DeepSpeed cannot honour: its engine has applied the update already" if applied else "")
+                + "): stopping; lower the learning rate, check the data, or resume from the last checkpoint"
             )
         for param in model.parameters():
             param.grad = None  # the optimizer skips parameters without a gradient: this step changes no weight
