@@ -376,3 +376,26 @@ def test_files_added_or_swapped_for_links_after_the_save_are_refused(tmp_path, e
     caplog.clear()
     assert last_good_checkpoint(out) == out / "checkpoint-2"
     assert f"{linked}: " in caplog.text
+
+
+def test_a_file_that_cannot_be_read_is_named_and_skipped(tmp_path, every_two_steps, caplog, monkeypatch):
+    """An I/O or permission error while verifying is a reason to fall back like any damage, not a traceback (tests
+    run as root, where chmod does not deny reading: the read itself fails here)."""
+    import errno
+
+    from saisa.training import trainer
+    from saisa.training.trainer import last_good_checkpoint
+
+    recipe, _ = every_two_steps
+    out = Path(_interrupted_after_step_five(recipe, tmp_path / "out")["output_dir"])
+    unreadable = out / "checkpoint-4" / "optimizer.pt"
+    sha256 = trainer._sha256
+
+    def denied(path):
+        if path == unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return sha256(path)
+
+    monkeypatch.setattr(trainer, "_sha256", denied)
+    assert last_good_checkpoint(out) == out / "checkpoint-2"
+    assert f"cannot resume from checkpoint-4: {unreadable}: unreadable (Permission denied)" in caplog.text

@@ -290,6 +290,13 @@ def checkpoint_problem(checkpoint: Path, *, full: bool = True, weights_only: boo
     """Why `checkpoint` cannot be resumed, naming the file, or None. Cheap (`full=False`): marker, manifest, every
     listed file present with its size. Full: every file's SHA-256 too. Unless `weights_only`, the optimizer,
     scheduler and RNG states must be there (a resume without them continues on a different path)."""
+    try:
+        return _checkpoint_problem(checkpoint, full=full, weights_only=weights_only)
+    except OSError as error:  # a file that cannot be read (permissions, I/O error) is a reason too, not a crash
+        return f"{error.filename or checkpoint}: unreadable ({error.strerror or error})"
+
+
+def _checkpoint_problem(checkpoint: Path, *, full: bool, weights_only: bool) -> str | None:
     marker = checkpoint / COMPLETE_MARKER
     manifest_path = checkpoint / MANIFEST
     if not marker.is_file():
