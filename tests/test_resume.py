@@ -351,3 +351,51 @@ def test_only_a_first_save_cut_short_starts_afresh(tmp_path):
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / "model.safetensors").write_bytes(b"half")
     assert last_good_checkpoint(tmp_path) is None
+
+
+def test_files_added_or_swapped_for_links_after_the_save_are_refused(tmp_path, every_two_steps, caplog):
+    """A consolidated model file added to a checkpoint would be loaded in place of its own weights (transformers
+    prefers it to a sharded index), so a file the manifest does not list is refused like a damaged one; a listed file
+    replaced by a link to another checkpoint's copy is caught by its hash."""
+    from saisa.training.trainer import last_good_checkpoint
+
+    recipe, _ = every_two_steps
+    out = Path(_interrupted_after_step_five(recipe, tmp_path / "added")["output_dir"])
+    added = out / "checkpoint-4" / "pytorch_model.bin"
+    shutil.copy(out / "checkpoint-2" / "model.safetensors", added)
+    assert last_good_checkpoint(out) == out / "checkpoint-2"
+    assert f"cannot resume from checkpoint-4: {added}: not in the manifest" in caplog.text
+    caplog.clear()
+    assert last_good_checkpoint(out, "weights-only") == out / "checkpoint-2"
+    added.unlink()
+    assert last_good_checkpoint(out) == out / "checkpoint-4"
+
+    linked = out / "checkpoint-4" / "model.safetensors"
+    linked.unlink()
+    linked.symlink_to(out / "checkpoint-2" / "model.safetensors")
+    caplog.clear()
+    assert last_good_checkpoint(out) == out / "checkpoint-2"
+    assert f"{linked}: " in caplog.text
+
+
+def test_a_file_that_cannot_be_read_is_named_and_skipped(tmp_path, every_two_steps, caplog, monkeypatch):
+    """An I/O or permission error while verifying is a reason to fall back like any damage, not a traceback (tests
+    run as root, where chmod does not deny reading: the read itself fails here)."""
+    import errno
+
+    from saisa.training import trainer
+    from saisa.training.trainer import last_good_checkpoint
+
+    recipe, _ = every_two_steps
+    out = Path(_interrupted_after_step_five(recipe, tmp_path / "out")["output_dir"])
+    unreadable = out / "checkpoint-4" / "optimizer.pt"
+    sha256 = trainer._sha256
+
+    def denied(path):
+        if path == unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return sha256(path)
+
+    monkeypatch.setattr(trainer, "_sha256", denied)
+    assert last_good_checkpoint(out) == out / "checkpoint-2"
+    assert f"cannot resume from checkpoint-4: {unreadable}: unreadable (Permission denied)" in caplog.text

@@ -69,6 +69,30 @@ def test_patience_skips_the_non_finite_step_and_keeps_the_weights_finite(tmp_pat
         run_training(recipe)
 
 
+def test_under_deepspeed_a_non_finite_step_stops_whatever_the_patience():
+    """DeepSpeed's engine has applied the update before the guard runs: skipping is impossible there, so patience
+    would let NaN weights train on and be saved with exit 0."""
+    from types import SimpleNamespace
+
+    from saisa.training.trainer import NonFiniteGuard
+
+    model = torch.nn.Linear(2, 2)
+    model(torch.ones(1, 2)).sum().backward()
+
+    def guard(deepspeed: bool) -> NonFiniteGuard:
+        trainer = SimpleNamespace(
+            model_wrapped=model, is_deepspeed_enabled=deepspeed, step_loss_finite=torch.tensor(False)
+        )
+        return NonFiniteGuard(trainer, patience=3)
+
+    args, state = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(global_step=6)
+    guard(deepspeed=False).on_pre_optimizer_step(args, state, None)  # skipped: within patience
+    assert model.weight.grad is None
+    model(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 7 .*DeepSpeed cannot honour"):
+        guard(deepspeed=True).on_pre_optimizer_step(args, state, None)
+
+
 # --- data refused before training ----------------------------------------------------------------------------------
 
 
@@ -205,16 +229,21 @@ def test_torchs_own_report_of_a_short_write_is_named_as_a_full_disk(tmp_path):
 
 
 def test_a_full_disk_during_the_final_save_is_named(tmp_path, monkeypatch):
+    import transformers.modeling_utils
     from safetensors import SafetensorError
 
-    def storage_full(*args, **kwargs):  # what safetensors raises on ENOSPC
+    real_save = transformers.modeling_utils.safe_save_file
+
+    def storage_full(tensors, filename, *args, **kwargs):  # what safetensors raises on ENOSPC, in the final save only
+        if "checkpoint-" in str(filename):  # the run's last checkpoint is saved (on a disk with room) first
+            return real_save(tensors, filename, *args, **kwargs)
         raise SafetensorError(
             'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
         )
 
-    import transformers.modeling_utils
-
     recipe = _write_run(tmp_path)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", storage_full)
-    with pytest.raises(OSError, match=f"no space left on device while writing {re.escape(str(tmp_path / 'out'))}"):
+    with pytest.raises(OSError, match=f"no space left on device while writing {re.escape(str(tmp_path / 'out'))}") as e:
         run_training(recipe)
+    assert f"{tmp_path / 'out'} may hold a partial save" in str(e.value)  # the output folder is kept
+    assert "checkpoint-" not in str(e.value) and (tmp_path / "out" / "checkpoint-2" / "CHECKPOINT_COMPLETE").is_file()

@@ -184,11 +184,15 @@ class NonFiniteGuard(TrainerCallback):
         step = state.global_step + 1
         what = "loss" if not loss_ok else "gradient norm"
         self.in_a_row += 1
-        if self.in_a_row > self.patience:
+        # DeepSpeed's engine applies the update inside backward, before this runs: a "skipped" step would already be
+        # in the weights, so there every non-finite step stops training.
+        applied = getattr(trainer, "is_deepspeed_enabled", False)
+        if self.in_a_row > self.patience or applied:
             raise FloatingPointError(
                 f"non-finite {what} at step {step} ({self.in_a_row} non-finite step(s) in a row, "
-                f"training.nonfinite_patience={self.patience}): stopping; lower the learning rate, check the data, "
-                "or resume from the last checkpoint"
+                f"training.nonfinite_patience={self.patience}"
+                + (", which DeepSpeed cannot honour: its engine has applied the update already" if applied else "")
+                + "): stopping; lower the learning rate, check the data, or resume from the last checkpoint"
             )
         for param in model.parameters():
             param.grad = None  # the optimizer skips parameters without a gradient: this step changes no weight
@@ -211,11 +215,15 @@ def disk_errors(path: Path, *, remove_on_failure: bool):
             raise
         written = getattr(error, "filename", None) or path
         if remove_on_failure:
-            shutil.rmtree(path, ignore_errors=True) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+            if Path(path).is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                Path(path).unlink(missing_ok=True)
         free = shutil.disk_usage(Path(path).parent if Path(path).parent.exists() else ".").free
+        kept = f"removed the partial save {path}" if remove_on_failure else f"{path} may hold a partial save"
         raise OSError(
             errno.ENOSPC,
-            f"no space left on device while writing {written} ({free} bytes free now; removed the partial save; "
+            f"no space left on device while writing {written} ({free} bytes free now; {kept}; "
             f"the writer said: {message[:200]})",
         ) from error
 
@@ -244,12 +252,16 @@ def _hash_all(paths: list[Path]) -> list[str]:
         return list(pool.map(_sha256, paths))
 
 
+def _checkpoint_files(folder: Path) -> list[Path]:
+    """Every file of a checkpoint but its manifest and marker (and their temporary names)."""
+    own = {MANIFEST, COMPLETE_MARKER, MANIFEST + ".tmp", COMPLETE_MARKER + ".tmp"}
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in own)
+
+
 def write_manifest(folder: Path) -> str:
     """`checkpoint_manifest.json`: size and SHA-256 of every file of the checkpoint (subfolders too: DeepSpeed's
     global_stepN/, FSDP's sharded states). Returns the manifest's own SHA-256, which the completion marker records."""
-    paths = sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.name not in (MANIFEST, COMPLETE_MARKER, MANIFEST + ".tmp")
-    )
+    paths = _checkpoint_files(folder)
     files = {
         p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": digest}
         for p, digest in zip(paths, _hash_all(paths), strict=True)
@@ -278,6 +290,13 @@ def checkpoint_problem(checkpoint: Path, *, full: bool = True, weights_only: boo
     """Why `checkpoint` cannot be resumed, naming the file, or None. Cheap (`full=False`): marker, manifest, every
     listed file present with its size. Full: every file's SHA-256 too. Unless `weights_only`, the optimizer,
     scheduler and RNG states must be there (a resume without them continues on a different path)."""
+    try:
+        return _checkpoint_problem(checkpoint, full=full, weights_only=weights_only)
+    except OSError as error:  # a file that cannot be read (permissions, I/O error) is a reason too, not a crash
+        return f"{error.filename or checkpoint}: unreadable ({error.strerror or error})"
+
+
+def _checkpoint_problem(checkpoint: Path, *, full: bool, weights_only: bool) -> str | None:
     marker = checkpoint / COMPLETE_MARKER
     manifest_path = checkpoint / MANIFEST
     if not marker.is_file():
@@ -314,6 +333,11 @@ def checkpoint_problem(checkpoint: Path, *, full: bool = True, weights_only: boo
         size = path.stat().st_size
         if size != entry["size"]:
             return f"{path}: {size} bytes where the manifest says {entry['size']} (truncated or overwritten)"
+    # transformers loads a consolidated model.safetensors or pytorch_model.bin in preference to a sharded index, and
+    # any adapter subfolder: a file added after the save can replace the weights as surely as a damaged one.
+    added = [p for p in _checkpoint_files(checkpoint) if p.relative_to(checkpoint).as_posix() not in files]
+    if added:
+        return f"{added[0]}: not in the manifest (added after the save)"
     if full:
         for (path, entry), digest in zip(checked, _hash_all([path for path, _ in checked]), strict=True):
             if digest != entry["sha256"]:
