@@ -424,6 +424,14 @@ def test_client_errors_are_4xx(hardened, fields, fragment):
     assert fragment in error["message"] and error["type"] == "invalid_request_error"
 
 
+def test_an_integer_too_long_to_convert_is_a_400(hardened):
+    """json.loads raises a plain ValueError (not a JSONDecodeError) for an integer past Python's 4300-digit limit."""
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "what ?"}], "seed": ' + b"9" * 5000 + b"}"
+    reply = _post(hardened["url"], body)
+    assert reply.status_code == 400, reply.text
+    assert "not valid JSON" in reply.json()["error"]["message"]
+
+
 # -- the honest API -------------------------------------------------------------------------------------------------
 
 

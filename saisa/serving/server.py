@@ -246,11 +246,12 @@ class _Preparer:
     def __call__(self, body: bytes, deadline: float) -> tuple[ChatCompletionRequest, Job]:
         _check_deadline(deadline, self.limits)  # it may have waited for a preparing thread
         try:
-            chat = check_request(json.loads(body))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            payload = json.loads(body)
+        except ValueError as error:  # also UTF-8 errors, and integers past Python's int_max_str_digits
             raise RequestError(400, f"request body is not valid JSON: {error}") from None
         except RecursionError:
             raise RequestError(400, "request body is nested too deeply") from None
+        chat = check_request(payload)
         if chat.model != self.model_name:
             raise RequestError(
                 404,
