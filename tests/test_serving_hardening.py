@@ -322,23 +322,33 @@ def test_the_deadline_is_checked_while_preparing(monkeypatch):
 
 
 def test_buffered_body_bytes_are_bounded_across_requests():
-    """Bodies that have announced themselves (Content-Length) and trickle in hold their bytes; one that would pass
-    the in-flight budget gets 503 at once."""
+    """Bodies that trickle in hold the bytes they have sent; one that would pass the in-flight budget gets 503 at once.
+    Announcing a large Content-Length and sending nothing holds nothing: two such connections used to hold the whole
+    budget, and every other request got 503 until their body timeout."""
     model, processor = tiny_model("saisa"), tiny_chat_processor()
     limits = ServerLimits(max_body_bytes=100_000, max_inflight_body_bytes=250_000, body_timeout_s=5)
     app = create_app(model, processor, model_name="tiny", limits=limits)
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     )
+    large = _body("what " * 15_000)  # 75 kB
     with _running(app, limits) as url, contextlib.ExitStack() as stack:
         port = int(url.rsplit(":", 1)[1])
-        for _ in range(2):  # 2 x 90 kB announced, 10 bytes sent
+        sockets = []
+        for _ in range(2):  # 2 x 95 kB announced, 10 bytes sent
             sock = stack.enter_context(socket.create_connection(("127.0.0.1", port)))
-            sock.sendall(head % 90_000 + b'{"model": ')
+            sock.sendall(head % 95_000 + b'{"model": ')
+            sockets.append(sock)
+        time.sleep(0.3)
+        assert _health(url).json()["buffered_body_bytes"] == 20
+        reached = _post(url, large, {})  # fits beside 20 bytes: prepared, refused for its length, not 503
+        assert reached.status_code == 400 and reached.json()["error"]["code"] == "context_length_exceeded"
+        for sock in sockets:  # now 90 kB each, truly buffered
+            sock.sendall(b" " * 89_990)
         time.sleep(0.3)
         assert _health(url).json()["buffered_body_bytes"] == 180_000
         start = time.perf_counter()
-        refused = _post(url, _body("what " * 15_000), {})  # 75 kB more
+        refused = _post(url, large, {})
         assert refused.status_code == 503 and "bytes of request bodies are buffered" in refused.text
         assert refused.headers["retry-after"] == "1" and time.perf_counter() - start < 1
         assert _post(url, _body("what ?"), {}).status_code == 200  # a small one still fits

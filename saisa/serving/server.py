@@ -169,7 +169,9 @@ class _RequireKey:
 
 class _ByteBudget:
     """Request-body bytes buffered at once, across requests (the event loop's own: no lock). A request that would
-    pass the budget gets 503 + Retry-After before more of its body is read."""
+    pass the budget gets 503 + Retry-After before more of its body is read. Bytes count once they arrive, not as
+    Content-Length announces them: else a few connections announcing large bodies and sending nothing would hold
+    the whole budget, and every other request would get 503 until their body timeout."""
 
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
@@ -374,10 +376,8 @@ async def _read_body(request: Request, limits: ServerLimits, reservation: _Reser
     limit = limits.max_body_bytes
     too_large = RequestError(413, f"request body larger than this server's limit of {limit} bytes")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        if int(declared) > limit:
-            raise too_large
-        reservation.grow(int(declared))
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
     chunks, size = [], 0
     arrived_by = time.monotonic() + limits.body_timeout_s
     stream = request.stream()
