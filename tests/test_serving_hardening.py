@@ -442,6 +442,14 @@ def test_an_integer_too_long_to_convert_is_a_400(hardened):
     assert "not valid JSON" in reply.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/chat/completions", 405), ("GET", "/v1/nothing", 404)])
+def test_router_errors_are_openai_error_json(hardened, method, path, status):
+    reply = httpx.request(method, hardened["url"] + path, headers=HEADERS)
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
+
+
 # -- the honest API -------------------------------------------------------------------------------------------------
 
 

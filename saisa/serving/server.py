@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from saisa.generation import NonFiniteLogits
 from saisa.serving.engine import EngineDead, GenerationEngine, Job, JobTimeout, QueueFull
@@ -78,6 +79,11 @@ def create_app(
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError):
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException):  # the router's 404 and 405, in OpenAI's shape
+        body = RequestError(error.status_code, str(error.detail)).body()
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception):  # a JSON 500 naming the exception type, never a stack trace
