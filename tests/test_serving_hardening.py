@@ -8,6 +8,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import socket
 import threading
 import time
@@ -369,6 +370,28 @@ def test_a_body_that_does_not_arrive_in_time_gets_408():
         assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer
         assert time.perf_counter() - start < 3
         assert _health(url).json()["buffered_body_bytes"] == 0
+
+
+def test_a_client_leaving_mid_body_logs_no_traceback(hardened):
+    """Each such client used to log a 4 KB traceback (ClientDisconnect): a cheap way to flood the server's log."""
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    port = int(hardened["url"].rsplit(":", 1)[1])
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n"
+    )
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(head.encode() + b'{"model": ')
+                time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        uvicorn_log.removeHandler(handler)
+    assert [record.getMessage() for record in records if record.levelno >= logging.ERROR] == []
+    assert _health(hardened["url"]).json()["buffered_body_bytes"] == 0
 
 
 def _closed_by_server(sock: socket.socket) -> bool:

@@ -23,6 +23,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from saisa.generation import NonFiniteLogits
 from saisa.serving.engine import EngineDead, GenerationEngine, Job, JobTimeout, QueueFull
@@ -392,6 +393,8 @@ async def _read_body(request: Request, limits: ServerLimits, reservation: _Reser
             chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, arrived_by - time.monotonic()))
         except StopAsyncIteration:
             break
+        except ClientDisconnect:  # nobody to answer; not a fault to log with a traceback (a client could flood the log)
+            raise RequestError(400, "the client closed the connection before its body arrived") from None
         except asyncio.TimeoutError:  # (builtin TimeoutError only from Python 3.11)
             raise RequestError(
                 408, f"the request body did not arrive within {limits.body_timeout_s:g} s", code="timeout"
