@@ -75,7 +75,6 @@ def create_app(
     buffered = _ByteBudget(limits.max_inflight_body_bytes)
     app = FastAPI(title="saisa", description="OpenAI-compatible chat completions for SAISA models")
     app.state.engine, app.state.preparer = engine, prepare
-    key = _KeyCheck(api_key)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError):
@@ -91,7 +90,7 @@ def create_app(
         return JSONResponse(RequestError(500, f"internal error: {type(error).__name__}").body(), status_code=500)
 
     if api_key:
-        app.add_middleware(_RequireKey, check=key)
+        app.add_middleware(_RequireKey, api_key=api_key)
 
     @app.get("/health")
     async def health():
@@ -147,28 +146,17 @@ def create_app(
     return app
 
 
-class _KeyCheck:
-    def __init__(self, api_key: str | None):
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
-
-    def allows(self, header: str | bytes | None) -> bool:
-        if self.expected is None:
-            return True
-        if isinstance(header, str):
-            header = header.encode("latin-1", "replace")
-        return header is not None and hmac.compare_digest(header, self.expected)  # no timing oracle on the key
-
-
 class _RequireKey:
     """`Authorization: Bearer KEY` on every route but `/health`. A plain ASGI middleware: starlette's
     BaseHTTPMiddleware would hide a client's disconnect from the route, which then could not stop generating."""
 
-    def __init__(self, app, check: _KeyCheck):
-        self.app, self.check = app, check
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            if not self.check.allows(dict(scope["headers"]).get(b"authorization")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # no timing oracle on the key
                 response = JSONResponse(RequestError(401, "missing or wrong API key").body(), status_code=401)
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
