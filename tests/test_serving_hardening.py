@@ -428,6 +428,27 @@ def test_slow_header_connections_are_closed_and_capped():
         assert kept.get(url + "/health").status_code == 200
 
 
+def test_slow_body_connections_make_room_at_the_cap():
+    """Connections that sent whole headers and trickle their bodies used to be kept at the cap until the body timeout:
+    16 of them shut every new client out (/health included) for 30 s, again and again."""
+    model, processor = tiny_model("saisa"), tiny_chat_processor()
+    limits = ServerLimits(max_connections=16, header_timeout_s=0.5, body_timeout_s=30)
+    app = create_app(model, processor, model_name="tiny", limits=limits)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"
+    with _running(app, limits) as url, contextlib.ExitStack() as stack:
+        port = int(url.rsplit(":", 1)[1])
+        sockets = []
+        for _ in range(16):
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+            sock.sendall(head)
+            sockets.append(sock)
+        time.sleep(0.4)  # past the quarter of the header deadline
+        start = time.perf_counter()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200  # on a new connection, replacing a slow one
+        assert time.perf_counter() - start < 2
+        assert _closed_by_server(sockets[0])  # the longest-waiting one made room
+
+
 # -- every client error a 4xx ---------------------------------------------------------------------------------------
 
 
