@@ -231,6 +231,10 @@ def test_healthy_clients_are_unharmed_by_hostile_ones(server):
     log_size = server["log"].stat().st_size
     print(f"abuse run: {elapsed:.1f} s, peak RSS {peak / 2**20:.0f} MiB, log {log_size} bytes, {results}")
     assert failures == []
+    # Bytes count as they arrive: which of the overlapping bodies pass the 12 MiB of buffers depends on how their
+    # parts interleave, but some cannot and none may fail otherwise.
+    bodies = results.pop("8 concurrent 3 MiB bodies")
+    assert set(bodies) <= {400, 503} and 503 in bodies, bodies
     assert results == {
         "temperature 1e-300": 200,
         "seed 2^64": 400,
@@ -243,7 +247,6 @@ def test_healthy_clients_are_unharmed_by_hostile_ones(server):
         "no key on /openapi.json": 401,
         "8 long prompts": (200,) * 8,
         "2 black 4096² PNGs": 200,
-        "8 concurrent 3 MiB bodies": (400,) * 3 + (503,) * 5,  # 3 fit the buffers (then fail validation), 5 do not
         "a body that never arrives": 408,
     }
     assert slow_closed == 200

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import socket
 import threading
 import time
@@ -326,23 +327,33 @@ def test_the_deadline_is_checked_while_preparing(monkeypatch):
 
 
 def test_buffered_body_bytes_are_bounded_across_requests():
-    """Bodies that have announced themselves (Content-Length) and trickle in hold their bytes; one that would pass
-    the in-flight budget gets 503 at once."""
+    """Bodies that trickle in hold the bytes they have sent; one that would pass the in-flight budget gets 503 at once.
+    Announcing a large Content-Length and sending nothing holds nothing: two such connections used to hold the whole
+    budget, and every other request got 503 until their body timeout."""
     model, processor = tiny_model("saisa"), tiny_chat_processor()
     limits = ServerLimits(max_body_bytes=100_000, max_inflight_body_bytes=250_000, body_timeout_s=5)
     app = create_app(model, processor, model_name="tiny", limits=limits)
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     )
+    large = _body("what " * 15_000)  # 75 kB
     with _running(app, limits) as url, contextlib.ExitStack() as stack:
         port = int(url.rsplit(":", 1)[1])
-        for _ in range(2):  # 2 x 90 kB announced, 10 bytes sent
+        sockets = []
+        for _ in range(2):  # 2 x 95 kB announced, 10 bytes sent
             sock = stack.enter_context(socket.create_connection(("127.0.0.1", port)))
-            sock.sendall(head % 90_000 + b'{"model": ')
+            sock.sendall(head % 95_000 + b'{"model": ')
+            sockets.append(sock)
+        time.sleep(0.3)
+        assert _health(url).json()["buffered_body_bytes"] == 20
+        reached = _post(url, large, {})  # fits beside 20 bytes: prepared, refused for its length, not 503
+        assert reached.status_code == 400 and reached.json()["error"]["code"] == "context_length_exceeded"
+        for sock in sockets:  # now 90 kB each, truly buffered
+            sock.sendall(b" " * 89_990)
         time.sleep(0.3)
         assert _health(url).json()["buffered_body_bytes"] == 180_000
         start = time.perf_counter()
-        refused = _post(url, _body("what " * 15_000), {})  # 75 kB more
+        refused = _post(url, large, {})
         assert refused.status_code == 503 and "bytes of request bodies are buffered" in refused.text
         assert refused.headers["retry-after"] == "1" and time.perf_counter() - start < 1
         assert _post(url, _body("what ?"), {}).status_code == 200  # a small one still fits
@@ -363,6 +374,28 @@ def test_a_body_that_does_not_arrive_in_time_gets_408():
         assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5 s" in answer
         assert time.perf_counter() - start < 3
         assert _health(url).json()["buffered_body_bytes"] == 0
+
+
+def test_a_client_leaving_mid_body_logs_no_traceback(hardened):
+    """Each such client used to log a 4 KB traceback (ClientDisconnect): a cheap way to flood the server's log."""
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    port = int(hardened["url"].rsplit(":", 1)[1])
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n"
+    )
+    try:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(head.encode() + b'{"model": ')
+                time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        uvicorn_log.removeHandler(handler)
+    assert [record.getMessage() for record in records if record.levelno >= logging.ERROR] == []
+    assert _health(hardened["url"]).json()["buffered_body_bytes"] == 0
 
 
 def _closed_by_server(sock: socket.socket) -> bool:
@@ -399,6 +432,27 @@ def test_slow_header_connections_are_closed_and_capped():
         assert kept.get(url + "/health").status_code == 200
 
 
+def test_slow_body_connections_make_room_at_the_cap():
+    """Connections that sent whole headers and trickle their bodies used to be kept at the cap until the body timeout:
+    16 of them shut every new client out (/health included) for 30 s, again and again."""
+    model, processor = tiny_model("saisa"), tiny_chat_processor()
+    limits = ServerLimits(max_connections=16, header_timeout_s=0.5, body_timeout_s=30)
+    app = create_app(model, processor, model_name="tiny", limits=limits)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"
+    with _running(app, limits) as url, contextlib.ExitStack() as stack:
+        port = int(url.rsplit(":", 1)[1])
+        sockets = []
+        for _ in range(16):
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=5))
+            sock.sendall(head)
+            sockets.append(sock)
+        time.sleep(0.4)  # past the quarter of the header deadline
+        start = time.perf_counter()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200  # on a new connection, replacing a slow one
+        assert time.perf_counter() - start < 2
+        assert _closed_by_server(sockets[0])  # the longest-waiting one made room
+
+
 # -- every client error a 4xx ---------------------------------------------------------------------------------------
 
 
@@ -426,6 +480,22 @@ def test_client_errors_are_4xx(hardened, fields, fragment):
     assert 400 <= reply.status_code < 500, reply.text
     error = reply.json()["error"]
     assert fragment in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_an_integer_too_long_to_convert_is_a_400(hardened):
+    """json.loads raises a plain ValueError (not a JSONDecodeError) for an integer past Python's 4300-digit limit."""
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "what ?"}], "seed": ' + b"9" * 5000 + b"}"
+    reply = _post(hardened["url"], body)
+    assert reply.status_code == 400, reply.text
+    assert "not valid JSON" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("method, path, status", [("GET", "/v1/chat/completions", 405), ("GET", "/v1/nothing", 404)])
+def test_router_errors_are_openai_error_json(hardened, method, path, status):
+    reply = httpx.request(method, hardened["url"] + path, headers=HEADERS)
+    assert reply.status_code == status
+    error = reply.json()["error"]
+    assert error["message"] and error["type"] in ("invalid_request_error", "not_found_error")
 
 
 # -- the honest API -------------------------------------------------------------------------------------------------

@@ -2,17 +2,18 @@
 use up the process's file descriptors and starve `accept`, and a deadline for each request's headers (uvicorn closes
 idle kept-alive connections, but never one that trickles its headers).
 
-At the cap a new connection takes the place of the oldest one that has waited over a second (or a quarter of the
-header deadline, if less) without sending a request's headers (a slow client's: a prompt one sends them within
-milliseconds); when there is none, the new one is closed at once. A connection that has sent a request is never
-closed for a newcomer, so slow clients can delay new connections by at most that second, never break established
-ones."""
+At the cap a new connection takes the place of the one that has waited longest, over a second (or a quarter of the
+header deadline, if less), for the client: for a request's headers, or for the rest of a request's body (a slow
+client's: a prompt one sends them within milliseconds); when there is none, the new one is closed at once. A
+connection whose request has arrived whole is never closed for a newcomer, so slow clients can delay new connections
+by at most that second; only an upload slower than that second can be cut, and only at the cap."""
 
 from __future__ import annotations
 
 import logging
 import time
 
+import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from saisa.serving.protocol import ServerLimits
@@ -48,19 +49,34 @@ class GuardedH11Protocol(H11Protocol):
         live = [c for c in self.connections if not c.transport.is_closing()]
         if len(live) >= self.max_connections:
             now = time.monotonic()
-            waiting = [c for c in live if isinstance(c, GuardedH11Protocol) and c.cycle is None]
-            stale = [c for c in waiting if now - c._opened > min(self.evict_after_s, self.header_timeout_s / 4)]
+            waiting = {c: c._waiting_since() for c in live if isinstance(c, GuardedH11Protocol)}
+            limit = min(self.evict_after_s, self.header_timeout_s / 4)
+            stale = [c for c, since in waiting.items() if since is not None and now - since > limit]
             if stale:
-                self.refusals.warn(f"closing the oldest of {len(stale)} connections yet to send a request")
-                min(stale, key=lambda c: c._opened).transport.close()
+                self.refusals.warn(f"closing the longest-waiting of {len(stale)} connections yet to send a request")
+                min(stale, key=waiting.get).transport.close()
             else:
                 self.refusals.warn(f"refusing a connection: {self.max_connections} are open (--max-connections)")
                 self._refused = True
                 transport.close()
                 return
         super().connection_made(transport)
-        self._opened, self._header_timer = time.monotonic(), None
+        self._opened, self._header_timer, self._request_at = time.monotonic(), None, None
         self._arm()
+
+    def handle_events(self) -> None:
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle:  # a request's headers have arrived
+            self._request_at = time.monotonic()
+
+    def _waiting_since(self) -> float | None:
+        """Since when the client owes us a request's headers or the rest of its body; None once a request is whole."""
+        if self.cycle is None:
+            return self._opened
+        if self.conn.their_state is h11.SEND_BODY:
+            return self._request_at
+        return None
 
     def connection_lost(self, exc) -> None:
         if self._refused:

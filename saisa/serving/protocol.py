@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from saisa.processing import ImageRefused, open_image
@@ -221,11 +220,6 @@ def image_pixels(source: bytes | Path, limits: ServerLimits, where: str) -> int:
     checked there too."""
     width, height = read_image(source, limits, where, header_only=True)
     return width * height
-
-
-def decode_image(url: str, limits: ServerLimits, where: str) -> Image.Image:
-    """An image_url's image; its size is checked from the header before any pixel is decoded."""
-    return read_image(image_source(url, limits, where), limits, where)
 
 
 def to_messages(

@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from saisa.generation import NonFiniteLogits
 from saisa.serving.engine import EngineDead, GenerationEngine, Job, JobTimeout, QueueFull
@@ -73,18 +75,22 @@ def create_app(
     buffered = _ByteBudget(limits.max_inflight_body_bytes)
     app = FastAPI(title="saisa", description="OpenAI-compatible chat completions for SAISA models")
     app.state.engine, app.state.preparer = engine, prepare
-    key = _KeyCheck(api_key)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError):
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException):  # the router's 404 and 405, in OpenAI's shape
+        body = RequestError(error.status_code, str(error.detail)).body()
+        return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, error: Exception):  # a JSON 500 naming the exception type, never a stack trace
         return JSONResponse(RequestError(500, f"internal error: {type(error).__name__}").body(), status_code=500)
 
     if api_key:
-        app.add_middleware(_RequireKey, check=key)
+        app.add_middleware(_RequireKey, api_key=api_key)
 
     @app.get("/health")
     async def health():
@@ -140,28 +146,17 @@ def create_app(
     return app
 
 
-class _KeyCheck:
-    def __init__(self, api_key: str | None):
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
-
-    def allows(self, header: str | bytes | None) -> bool:
-        if self.expected is None:
-            return True
-        if isinstance(header, str):
-            header = header.encode("latin-1", "replace")
-        return header is not None and hmac.compare_digest(header, self.expected)  # no timing oracle on the key
-
-
 class _RequireKey:
     """`Authorization: Bearer KEY` on every route but `/health`. A plain ASGI middleware: starlette's
     BaseHTTPMiddleware would hide a client's disconnect from the route, which then could not stop generating."""
 
-    def __init__(self, app, check: _KeyCheck):
-        self.app, self.check = app, check
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            if not self.check.allows(dict(scope["headers"]).get(b"authorization")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # no timing oracle on the key
                 response = JSONResponse(RequestError(401, "missing or wrong API key").body(), status_code=401)
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
@@ -169,7 +164,9 @@ class _RequireKey:
 
 class _ByteBudget:
     """Request-body bytes buffered at once, across requests (the event loop's own: no lock). A request that would
-    pass the budget gets 503 + Retry-After before more of its body is read."""
+    pass the budget gets 503 + Retry-After before more of its body is read. Bytes count once they arrive, not as
+    Content-Length announces them: else a few connections announcing large bodies and sending nothing would hold
+    the whole budget, and every other request would get 503 until their body timeout."""
 
     def __init__(self, limit: int):
         self.limit, self.used = limit, 0
@@ -246,11 +243,12 @@ class _Preparer:
     def __call__(self, body: bytes, deadline: float) -> tuple[ChatCompletionRequest, Job]:
         _check_deadline(deadline, self.limits)  # it may have waited for a preparing thread
         try:
-            chat = check_request(json.loads(body))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            payload = json.loads(body)
+        except ValueError as error:  # also UTF-8 errors, and integers past Python's int_max_str_digits
             raise RequestError(400, f"request body is not valid JSON: {error}") from None
         except RecursionError:
             raise RequestError(400, "request body is nested too deeply") from None
+        chat = check_request(payload)
         if chat.model != self.model_name:
             raise RequestError(
                 404,
@@ -373,10 +371,8 @@ async def _read_body(request: Request, limits: ServerLimits, reservation: _Reser
     limit = limits.max_body_bytes
     too_large = RequestError(413, f"request body larger than this server's limit of {limit} bytes")
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        if int(declared) > limit:
-            raise too_large
-        reservation.grow(int(declared))
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
     chunks, size = [], 0
     arrived_by = time.monotonic() + limits.body_timeout_s
     stream = request.stream()
@@ -385,6 +381,8 @@ async def _read_body(request: Request, limits: ServerLimits, reservation: _Reser
             chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, arrived_by - time.monotonic()))
         except StopAsyncIteration:
             break
+        except ClientDisconnect:  # nobody to answer; not a fault to log with a traceback (a client could flood the log)
+            raise RequestError(400, "the client closed the connection before its body arrived") from None
         except asyncio.TimeoutError:  # (builtin TimeoutError only from Python 3.11)
             raise RequestError(
                 408, f"the request body did not arrive within {limits.body_timeout_s:g} s", code="timeout"
