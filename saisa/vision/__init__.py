@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedConfig
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
 
@@ -52,12 +52,25 @@ class ImagePreprocessing:
         )
 
 
-class VisionEncoder(nn.Module):
-    """Base class. Subclasses set `self.hidden_size` (d_vis) and `self.num_tokens` (v) and implement `forward`."""
+class VisionEncoder(PreTrainedModel):
+    """Base class, a `PreTrainedModel` (as transformers' vision towers are) holding the encoder as `self.model`.
+    Subclasses call `super().__init__(config)`, set `self.hidden_size` (d_vis) and `self.num_tokens` (v) and implement
+    `forward`."""
 
+    config_class = PreTrainedConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    # The attention choice reaches the wrapped transformers encoder through its own config (a CNN has none to make).
+    _supports_sdpa = True
+    _supports_attention_backend = True
     hidden_size: int
     num_tokens: int
     preprocessing: ImagePreprocessing
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The wrapped encoder initialises itself (a transformers model) or arrives built (a CNN)."""
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, v, d_vis)
         raise NotImplementedError

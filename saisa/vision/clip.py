@@ -34,7 +34,7 @@ class TransformersVisionTower(VisionEncoder):
     def __init__(
         self, config: PreTrainedConfig, *, feature_layer: int, select_strategy: str, module: nn.Module | None = None
     ):
-        super().__init__()
+        super().__init__(config)
         self.model = module if module is not None else AutoModel.from_config(config)
         self.feature_layer = feature_layer
         has_cls = config.model_type == "clip_vision_model"  # SigLIP has no CLS token
