@@ -9,11 +9,14 @@ them on the execution device, and inside what activation checkpointing recompute
 its cache argument:
 - with a KV cache (generation) they are written into it before the layer's text K/V (a per-layer KV prefix);
 - without one (training; gradient checkpointing drops caches) a one-call stand-in prepends them to the text K/V.
+
+Activation checkpointing (`checkpoint_with_visual_inputs`) hands each layer the images' features as one more input.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
@@ -54,3 +57,24 @@ def install_visual_kv_hooks(layers: nn.ModuleList) -> None:
         if not getattr(attention, "_saisa_visual_kv_hook", False):
             attention.register_forward_pre_hook(_visual_kv_pre_hook, with_kwargs=True)
             attention._saisa_visual_kv_hook = True
+
+
+def checkpoint_with_visual_inputs(checkpoint: Callable) -> Callable:
+    """transformers' per-layer checkpoint function, with the images' features (which every layer's visual K/V come
+    from) as one more input of each checkpointed layer. Reentrant checkpointing detaches a layer's inputs and nothing
+    else: features reached another way would keep their graph, and every layer's backward would run through the vision
+    tower's graph again (PyTorch: "Trying to backward through the graph a second time")."""
+
+    def run(function, *args):
+        prefix = function.keywords.get(VISUAL_KV_KWARG) if isinstance(function, partial) else None
+        features = getattr(prefix, "features", None)
+        if features is None or not features.requires_grad:
+            return checkpoint(function, *args)
+
+        def layer(*inputs):
+            with prefix.features_as(inputs[-1]):
+                return function(*inputs[:-1])
+
+        return checkpoint(layer, *args, features)
+
+    return run

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
@@ -31,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from saisa.backbones import decoder_family
 from saisa.compat import CACHE_KWARG
 from saisa.configuration_saisa import SaisaConfig
-from saisa.modeling.attention import VISUAL_KV_KWARG, install_visual_kv_hooks
+from saisa.modeling.attention import VISUAL_KV_KWARG, checkpoint_with_visual_inputs, install_visual_kv_hooks
 from saisa.modeling.cache import SaisaCache
 from saisa.modeling.image_kv_cache import ImageKVCache
 from saisa.modeling.layout import KeyLayout, SequenceLayout, attention_mask_4d, sequence_layout
@@ -43,7 +44,6 @@ from saisa.vision.feature_cache import VisionFeatureCache
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")  # SAISA's masks are arbitrary: kernels that only do causal masks cannot
 
 # Keys of the first release (c7ea9dc) -> this layout; `save_pretrained` writes the old names back (transformers'
 # `save_original_format`), so folders stay readable by older saisa versions and by the vLLM plugin. Two steps, as
@@ -140,6 +140,8 @@ class SaisaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # sdpa (default) and eager, as transformers selects them; kernels that take no arbitrary mask (flash) cannot serve
+    # the visual keys and NAAViT's pattern
     _supports_sdpa = True
     _supports_attention_backend = True
     _skip_keys_device_placement = [CACHE_KWARG]
@@ -156,15 +158,18 @@ class SaisaPreTrainedModel(PreTrainedModel):
         elif module is getattr(self, "lm_head", None):
             nn.init.normal_(module.weight, std=getattr(self.config.text_config, "initializer_range", 0.02))
 
-    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
-        """transformers' choice (default sdpa), limited to the implementations that take SAISA's arbitrary masks."""
-        chosen = super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
-        if chosen not in ATTENTION_IMPLEMENTATIONS and attn_implementation is not None:
-            raise ValueError(
-                f"attention implementation {chosen!r} is not supported: SAISA, LLaVA and NAAViT here need arbitrary "
-                f"attention masks (visual keys, NAAViT's pattern); use one of {list(ATTENTION_IMPLEMENTATIONS)}"
-            )
-        return chosen
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # transformers saves back only the renames that matched on load; ours must all apply on save, whatever the
+        # folder held (a projector-only folder whose model gained per-layer projectors, one saved without renames)
+        model._weight_conversions = None
+        return model
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
+        super()._set_gradient_checkpointing(
+            enable, checkpoint_with_visual_inputs(gradient_checkpointing_func), **kwargs
+        )
 
 
 class SaisaModel(SaisaPreTrainedModel):
@@ -294,7 +299,7 @@ class SaisaModel(SaisaPreTrainedModel):
         cfg = self.config
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
-        return_dict = return_dict if return_dict is not None else cfg.use_return_dict
+        return_dict = return_dict if return_dict is not None else cfg.return_dict
         cache = self._saisa_cache(cache if cache is not None else past_key_values)
         if use_cache is None:
             # a loss evaluation keeps no cache: nothing reuses it, and each layer then makes its own visual K/V inside
@@ -390,7 +395,7 @@ class SaisaModel(SaisaPreTrainedModel):
             no_visual_to_visual=False,
             dtype=text_embeds.dtype,
         )
-        extra = {VISUAL_KV_KWARG: prefix.layer} if prefix is not None else {}
+        extra = {VISUAL_KV_KWARG: prefix} if prefix is not None else {}
         return self._decoder(text_embeds, mask, seq.text_positions, **run, **extra)
 
     def _forward_embedding_space(
@@ -599,6 +604,12 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         placeholder: a proposed `<image>` would be an image without pixels. Candidates stop before the first one."""
         generator = super()._get_candidate_generator(*args, **kwargs)
         propose, image_id = generator.get_candidates, self.config.image_token_id
+        screen = getattr(generator, "logits_processor", None)
+        if screen is not None and image_id >= 0 and hasattr(generator, "vocab_size"):
+            # Prompt lookup screens each copied token with the logits processors over `vocab_size` fake logits: make
+            # room for a placeholder id past the vocabulary and forbid it there, so the copy stops before it.
+            generator.vocab_size = max(generator.vocab_size, image_id + 1)
+            generator.logits_processor = partial(_forbid_token, screen, image_id)
 
         def get_candidates(input_ids, *a, **k):
             candidates, logits = propose(input_ids, *a, **k)
@@ -636,7 +647,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
 
         num_items_in_batch: the number of label tokens in the whole optimizer step (all micro-batches, all ranks), as
         transformers' Trainer passes it; the loss is then the step's token mean however the step is split."""
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -761,6 +772,13 @@ def execution_device(module: nn.Module) -> torch.device:
             if device is not None:
                 return torch.device(device)
     return next(module.parameters()).device
+
+
+def _forbid_token(processor, token: int, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """`processor`'s scores (B, V), with `token` forbidden."""
+    scores = processor(input_ids, scores)
+    scores[:, token] = -float("inf")
+    return scores
 
 
 def _input_rows(seq: SequenceLayout, x: torch.Tensor, dim: int) -> torch.Tensor:

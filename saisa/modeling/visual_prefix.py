@@ -15,6 +15,7 @@ On vLLM the same equation runs inside vLLM's own layers (`saisa.integrations.vll
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -36,10 +37,28 @@ class VisualPrefix:
         self.model, self.seq = model, seq
         # features: (N, v, d_vis) the images' patch features, None where the image KV cache served every image
         self.before_rope, self.features = images_keys_values(model, pixel_values)
+        self._features_in_use: torch.Tensor | None = None
+
+    @contextmanager
+    def features_as(self, features: torch.Tensor):
+        """Within: layers make their K/V from `features` (the same values as `self.features`, another autograd node).
+        Reentrant activation checkpointing detaches a layer's inputs, and only those: the features must be one of them,
+        or each layer's backward would run through the vision tower's graph again (`saisa.modeling.attention`)."""
+        self._features_in_use = features
+        try:
+            yield
+        finally:
+            self._features_in_use = None
+
+    def __call__(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer(layer_idx)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer_idx`'s keys (rotated at the images' positions) and values, (B, kv_heads, Vb, head_dim) each."""
-        k, v = self.before_rope(layer_idx)  # (N, kv_heads, v, head_dim) each
+        if self._features_in_use is not None:
+            k, v = layer_keys_values(self.model, self._features_in_use, layer_idx)  # (N, kv_heads, v, head_dim) each
+        else:
+            k, v = self.before_rope(layer_idx)
         k = self.seq.scatter_images(k.transpose(1, 2)).transpose(1, 2)  # (B, kv_heads, Vb, head_dim)
         v = self.seq.scatter_images(v.transpose(1, 2)).transpose(1, 2)
         model = self.model
