@@ -160,11 +160,11 @@ class SaisaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
         # transformers saves back only the renames that matched on load; ours must all apply on save, whatever the
         # folder held (a projector-only folder whose model gained per-layer projectors, one saved without renames)
-        model._weight_conversions = None
-        return model
+        (loaded[0] if isinstance(loaded, tuple) else loaded)._weight_conversions = None
+        return loaded
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, **kwargs):
         super()._set_gradient_checkpointing(
@@ -240,17 +240,48 @@ class SaisaModel(SaisaPreTrainedModel):
         return self.vision_tower(pixel_values)
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, layer: int | None = None, **kwargs
-    ) -> BaseModelOutputWithPooling:
+        self,
+        pixel_values: torch.Tensor,
+        layer: int | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
         """As Llava's: `last_hidden_state` (N, v, d_vis) the vision tower's patch features, `pooler_output` one (v, h)
         tensor per image, projected into the embedding space (LLaVA / NAAViT) or into layer `layer`'s input space
-        (SAISA; default layer 0)."""
-        features = self.encode_images(pixel_values)
+        (SAISA; default layer 0); the vision encoder's hidden states and attentions when asked for."""
+        vision = self.config.vision_config
+        self._check_pixel_values(pixel_values)
+        weight = next(self.vision_tower.parameters())
+        out = self.vision_tower.encode(
+            pixel_values.to(device=execution_device(self.vision_tower), dtype=weight.dtype),
+            output_hidden_states=bool(
+                output_hidden_states if output_hidden_states is not None else vision.output_hidden_states
+            ),
+            output_attentions=bool(output_attentions if output_attentions is not None else vision.output_attentions),
+        )
         if layer is None and hasattr(self, "layer_projectors"):
             layer = 0
-        return BaseModelOutputWithPooling(
-            last_hidden_state=features, pooler_output=list(self.project_visual_features(features, layer))
+        out.pooler_output = list(self.project_visual_features(out.last_hidden_state, layer))
+        return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
+
+    def _ids_of_embeds(self, inputs_embeds: torch.Tensor, *, images: bool) -> torch.Tensor:
+        """(B, T) ids standing for inputs_embeds (B, T, h): 0 for text (only the layout reads them), and, as Llava finds
+        them, `image_token_id` where a row is that id's embedding."""
+        ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        if not images:
+            return ids
+        image_id, vocab = self.config.image_token_id, self.config.text_config.vocab_size
+        if not 0 <= image_id < vocab:
+            raise ValueError(
+                f"with pixel_values, give input_ids: the image placeholder id {image_id} has no embedding to find the "
+                "images' places in inputs_embeds by"
+            )
+        embedding = self.get_input_embeddings()(
+            torch.tensor(image_id, device=execution_device(self.get_input_embeddings()))
         )
+        return ids.masked_fill((inputs_embeds == embedding.to(inputs_embeds)).all(-1), image_id)
 
     def _phantom_image(self) -> torch.Tensor | None:
         """In training, a batch without images still runs one blank image through every visual weight, with no
@@ -310,10 +341,7 @@ class SaisaModel(SaisaPreTrainedModel):
         if input_ids is not None and input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if input_ids is None:
-            if pixel_values is not None:
-                raise ValueError("images are placed by their ids in input_ids: give input_ids with pixel_values")
-            # text only: an id no text token has stands for every column, so the layout sees no image
-            input_ids = torch.zeros(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+            input_ids = self._ids_of_embeds(inputs_embeds, images=pixel_values is not None)
         batch, length = input_ids.shape
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask[:, -length:]
 
@@ -336,7 +364,10 @@ class SaisaModel(SaisaPreTrainedModel):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
 
         if inputs_embeds is None:
-            text_ids = input_ids.masked_fill(seq.is_image, 0)  # the placeholder id need not be in the vocabulary
+            # the placeholder id need not be in the vocabulary; where it is, its (inert) row is embedded as given, as it
+            # is when inputs_embeds are given
+            in_vocab = 0 <= cfg.image_token_id < cfg.text_config.vocab_size
+            text_ids = input_ids if in_vocab else input_ids.masked_fill(seq.is_image, 0)
             inputs_embeds = self.get_input_embeddings()(text_ids)  # (B, T, h)
         else:
             inputs_embeds = inputs_embeds.to(device)
@@ -357,7 +388,11 @@ class SaisaModel(SaisaPreTrainedModel):
                 prefix = VisualPrefix(self, images, seq) if images is not None else None
                 out = self._forward_saisa(seq, keys, prior, prefix, inputs_embeds, **run)
                 if prefix is not None and prefix.features is not None and seq.num_images:
-                    image_outputs = BaseModelOutputWithPooling(last_hidden_state=prefix.features)
+                    with (
+                        torch.no_grad()
+                    ):  # for inspection, as Llava's: layer 0's visual inputs (each layer has its own)
+                        first = list(self.project_visual_features(prefix.features, 0))
+                    image_outputs = BaseModelOutputWithPooling(last_hidden_state=prefix.features, pooler_output=first)
             else:
                 features = self.encode_images(images) if images is not None else None
                 out, projected = self._forward_embedding_space(seq, keys, prior, features, inputs_embeds, **run)
@@ -478,7 +513,11 @@ class SaisaModel(SaisaPreTrainedModel):
         vocab = self.config.text_config.vocab_size
         if check_ids and text.numel() and (text.min() < 0 or text.max() >= vocab):
             raise ValueError(f"input_ids contain ids outside the LLM's vocabulary [0, {vocab})")
-        limit = getattr(self.config.text_config, "max_position_embeddings", None)
+        rope = getattr(self.config.text_config, "rope_parameters", None) or getattr(
+            self.config.text_config, "rope_scaling", None
+        )
+        scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) != "default"
+        limit = None if scaled else getattr(self.config.text_config, "max_position_embeddings", None)
         longest = int(seq.next_position.max()) if seq.next_position.numel() else 0
         if limit is not None and longest > limit:
             raise ValueError(
@@ -491,6 +530,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
     """`SaisaModel` plus the LLM's head, as transformers' `LlavaForConditionalGeneration`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(
         self,
@@ -672,6 +712,10 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
             # A visual token issues no query, so nothing predicts the token after an image: uniform logits.
             is_image = (ids == self.config.image_token_id) & mask.bool()
             logits = logits.masked_fill(is_image[:, keep, None].to(logits.device), 0.0)
+        shift_labels = kwargs.get("shift_labels")
+        if shift_labels is not None:
+            # pre-shifted targets (column j: the token after j), as sequence parallelism hands them: back in place
+            labels = F.pad(shift_labels[:, :-1], (1, 0), value=IGNORE_INDEX)
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels.to(logits.device), ids, mask, num_items_in_batch)
@@ -719,21 +763,28 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         next_sequence_length=None,
         attention_mask=None,
         pixel_values=None,
+        inputs_embeds=None,
         is_first_iteration=False,
         **kwargs,
     ):
         layout = getattr(kwargs.get(CACHE_KWARG), "layout", None)
         if layout is not None:
             # The cache also holds visual keys, so its length is not a count of input_ids columns; the layout is.
-            input_ids, next_sequence_length = input_ids[:, layout.num_input_tokens :], None
+            # (A prompt given as inputs_embeds is in the cache but not in input_ids.)
+            seen = layout.num_input_tokens - (inputs_embeds.shape[1] if inputs_embeds is not None else 0)
+            input_ids, next_sequence_length = input_ids[:, seen:], None
         inputs = super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,
             attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-        new_ids = inputs["input_ids"]
+        new_ids = inputs.get("input_ids")
+        if new_ids is None:  # the prompt as inputs_embeds (images found by their placeholder's embedding)
+            inputs["pixel_values"] = pixel_values
+            return inputs
         if self.config.architecture == "saisa" and (new_ids[:, -1] == self.config.image_token_id).any():
             raise ValueError("in SAISA no token is predicted right after an image: put text after the last image")
         if (new_ids == self.config.image_token_id).any():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,13 @@ class VisionEncoder(PreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, v, d_vis)
         raise NotImplementedError
+
+    def encode(
+        self, pixel_values: torch.Tensor, *, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutputWithPooling:
+        """`forward`'s features as `last_hidden_state`, plus the encoder's own hidden states and attentions where it
+        has them (a transformers encoder) and they are asked for."""
+        return BaseModelOutputWithPooling(last_hidden_state=self(pixel_values))
 
 
 VISION_ENCODERS: dict[str, type[VisionEncoder]] = {}
