@@ -155,7 +155,8 @@ class SaisaPreTrainedModel(PreTrainedModel):
                 nn.init.normal_(linear.weight, std=0.02)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
-        elif module is getattr(self, "lm_head", None):
+        elif module is getattr(self, "lm_head", None) and not getattr(self, "_head_given", False):
+            # a new head; one taken from a causal LM (or tied to its embeddings) keeps its weights
             nn.init.normal_(module.weight, std=getattr(self.config.text_config, "initializer_range", 0.02))
 
     @classmethod
@@ -544,6 +545,7 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         decoder = decoder_family(config.text_config).decoder(language_model) if language_model is not None else None
         self.model = SaisaModel(config, language_model=decoder, vision_model=vision_model)
         text = config.text_config
+        self._head_given = language_model is not None
         self.lm_head = (
             language_model.get_output_embeddings()
             if language_model is not None
@@ -638,6 +640,11 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
 
     def get_decoder(self) -> nn.Module:
         return self.model.language_model
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Also in the key names saved folders use (the first release's): transformers' Trainer resumes a checkpoint
+        by passing its file's tensors here."""
+        return super().load_state_dict(from_legacy_keys(state_dict), strict=strict, assign=assign)
 
     def _get_candidate_generator(self, *args, **kwargs):
         """Candidate tokens (prompt lookup copies n-grams of the prompt, a draft model guesses) never include an image

@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 class GenerationTesterMixin:
     max_new_tokens = 3
 
-    # -- helpers (upstream: _get_input_ids_and_config, _check_generate_outputs) -----------------------------------------
+    # -- helpers (upstream: _get_input_ids_and_config, _check_generate_outputs) ---------------------------------------
     def _inputs(self, batch_size: int = 2):
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
         inputs = {key: value[:batch_size] for key, value in inputs.items()}  # one image per sample: rows align
