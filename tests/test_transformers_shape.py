@@ -206,6 +206,19 @@ def test_prompt_lookup_never_proposes_the_image_placeholder():
     assert torch.equal(looked_up, model.generate(ids, **kwargs))
 
 
+@pytest.mark.parametrize("arch", ["saisa", "llava"])
+def test_generation_never_produces_the_image_placeholder(arch):
+    # the <image> id inside the vocabulary, and a head that favours it: sampling and greedy decoding must not emit it
+    model = tiny_model(arch, image_token_id=100)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[100] = 10 * head.abs().max()
+    ids = torch.tensor([[5, 100, 7, 8]])
+    for kwargs in (dict(do_sample=False), dict(do_sample=True, top_k=5), dict(prompt_lookup_num_tokens=2)):
+        out = model.generate(ids, pixel_values=pixels(1), max_new_tokens=5, **kwargs)
+        assert out.shape[1] == 9 and not (out[:, 4:] == 100).any()
+
+
 def test_assisted_decoding_returns_hidden_states():
     model = tiny_model("saisa")
     ids = torch.tensor([[5, 6, IMAGE_TOKEN, 7, 8, 5, 6]])

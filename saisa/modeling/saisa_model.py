@@ -646,6 +646,14 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
         by passing its file's tensors here."""
         return super().load_state_dict(from_legacy_keys(state_dict), strict=strict, assign=assign)
 
+    def _get_logits_processor(self, *args, **kwargs):
+        """`generate` never produces the image placeholder (where its id is in the vocabulary): a generated `<image>`
+        would be an image without pixels. Prompt lookup screens its copies with these processors too."""
+        processors = super()._get_logits_processor(*args, **kwargs)
+        if 0 <= self.config.image_token_id < self.config.text_config.vocab_size:
+            processors.append(partial(_forbid_token, lambda input_ids, scores: scores, self.config.image_token_id))
+        return processors
+
     def _get_candidate_generator(self, *args, **kwargs):
         """Candidate tokens (prompt lookup copies n-grams of the prompt, a draft model guesses) never include an image
         placeholder: a proposed `<image>` would be an image without pixels. Candidates stop before the first one."""
@@ -834,9 +842,7 @@ def execution_device(module: nn.Module) -> torch.device:
 
 def _forbid_token(processor, token: int, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """`processor`'s scores (B, V), with `token` forbidden."""
-    scores = processor(input_ids, scores)
-    scores[:, token] = -float("inf")
-    return scores
+    return processor(input_ids, scores).index_fill(-1, torch.tensor([token], device=scores.device), -float("inf"))
 
 
 def _input_rows(seq: SequenceLayout, x: torch.Tensor, dim: int) -> torch.Tensor:
