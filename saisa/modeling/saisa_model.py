@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
@@ -149,15 +149,12 @@ class SaisaPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LlamaDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Only the projectors (and a fresh head) are ours; the LLM and the vision encoder initialise themselves.
+        # Only the projectors are ours; the LLM (head included) and the vision encoder initialise themselves.
         if isinstance(module, MLPProjector):
             for linear in (module.linear_1, module.linear_2):
                 nn.init.normal_(linear.weight, std=0.02)
                 if linear.bias is not None:
                     nn.init.zeros_(linear.bias)
-        elif module is getattr(self, "lm_head", None) and not getattr(self, "_head_given", False):
-            # a new head; one taken from a causal LM (or tied to its embeddings) keeps its weights
-            nn.init.normal_(module.weight, std=getattr(self.config.text_config, "initializer_range", 0.02))
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -184,6 +181,10 @@ class SaisaModel(SaisaPreTrainedModel):
     ):
         super().__init__(config)
         self.family = decoder_family(config.text_config)
+        # registered first: parameters list (and state dicts) in the first release's order, LLM, tower, projectors
+        self.language_model = (
+            language_model if language_model is not None else AutoModel.from_config(config.text_config)
+        )
         self.vision_tower = build_vision_encoder(
             config.vision_config,
             feature_layer=config.vision_feature_layer,
@@ -198,9 +199,6 @@ class SaisaModel(SaisaPreTrainedModel):
             self.layer_projectors = nn.ModuleList(projector() for _ in range(config.text_config.num_hidden_layers))
         else:
             self.projector = projector()
-        self.language_model = (
-            language_model if language_model is not None else AutoModel.from_config(config.text_config)
-        )
         install_visual_kv_hooks(self.family.layers(self.language_model))
         # Optional, inference only: per-image visual K/V reused across requests (`saisa.modeling.image_kv_cache`).
         self.image_kv_cache: ImageKVCache | None = None
@@ -542,15 +540,11 @@ class SaisaForConditionalGeneration(SaisaPreTrainedModel, GenerationMixin):
     ):
         """language_model: an already-loaded causal LM (e.g. `LlamaForCausalLM`), split into decoder and head."""
         super().__init__(config)
-        decoder = decoder_family(config.text_config).decoder(language_model) if language_model is not None else None
+        if language_model is None:  # a new one, initialised as the LLM initialises itself (its head included)
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        decoder = decoder_family(config.text_config).decoder(language_model)
         self.model = SaisaModel(config, language_model=decoder, vision_model=vision_model)
-        text = config.text_config
-        self._head_given = language_model is not None
-        self.lm_head = (
-            language_model.get_output_embeddings()
-            if language_model is not None
-            else nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        )
+        self.lm_head = language_model.get_output_embeddings()
         self.post_init()
 
     @classmethod
