@@ -12,6 +12,7 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    CLIPVisionModel,
     LlamaForCausalLM,
     PreTrainedModel,
 )
@@ -95,6 +96,15 @@ def test_standard_attention_names_and_any_switch_keeps_the_model_correct(arch, t
     assert eager.config._attn_implementation == "eager" == eager.language_model.config._attn_implementation
     with pytest.raises(ValueError, match="does not support Flash Attention"):
         model.set_attn_implementation("flash_attention_2")
+
+
+def test_a_model_around_loaded_modules_runs_their_attention_as_chosen():
+    llm = LlamaForCausalLM(tiny_model("llava").config.text_config).eval()
+    model = SaisaForConditionalGeneration.from_modules(llm, CLIPVisionModel(tiny_model().config.vision_config))
+    assert model.language_model.config._attn_implementation == "sdpa" == model.config._attn_implementation
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():  # text only: exactly the LLM it was built around (causal, not attending ahead)
+        torch.testing.assert_close(model.eval()(ids).logits, llm(ids).logits)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -200,6 +200,11 @@ class SaisaModel(SaisaPreTrainedModel):
         else:
             self.projector = projector()
         install_visual_kv_hooks(self.family.layers(self.language_model))
+        # An LLM or encoder built before this model: making SaisaConfig around their configs reset their attention
+        # choice (transformers passes a composite config's choice down to its sub-configs); give them this model's.
+        for part in (self.language_model, getattr(self.vision_tower, "model", None)):
+            if isinstance(part, PreTrainedModel) and part.config._attn_implementation is None:
+                part.set_attn_implementation(self.config._attn_implementation)
         # Optional, inference only: per-image visual K/V reused across requests (`saisa.modeling.image_kv_cache`).
         self.image_kv_cache: ImageKVCache | None = None
         # Optional: a frozen encoder's features kept on disk across runs (`saisa.vision.feature_cache`).
