@@ -16,7 +16,8 @@ Activation checkpointing (`checkpoint_with_visual_inputs`) hands each layer the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -59,6 +60,19 @@ def install_visual_kv_hooks(layers: nn.ModuleList) -> None:
             attention._saisa_visual_kv_hook = True
 
 
+_ACTIVE_PREFIX: ContextVar = ContextVar("saisa_visual_prefix", default=None)
+
+
+@contextmanager
+def visual_prefix_active(prefix):
+    """Within: the decoder runs with `prefix` (a `VisualPrefix`) giving its layers their visual K/V."""
+    token = _ACTIVE_PREFIX.set(prefix)
+    try:
+        yield
+    finally:
+        _ACTIVE_PREFIX.reset(token)
+
+
 def checkpoint_with_visual_inputs(checkpoint: Callable) -> Callable:
     """transformers' per-layer checkpoint function, with the images' features (which every layer's visual K/V come
     from) as one more input of each checkpointed layer. Reentrant checkpointing detaches a layer's inputs and nothing
@@ -66,12 +80,12 @@ def checkpoint_with_visual_inputs(checkpoint: Callable) -> Callable:
     tower's graph again (PyTorch: "Trying to backward through the graph a second time")."""
 
     def run(function, *args):
-        prefix = function.keywords.get(VISUAL_KV_KWARG) if isinstance(function, partial) else None
+        prefix = _ACTIVE_PREFIX.get()
         features = getattr(prefix, "features", None)
         if features is None or not features.requires_grad:
             return checkpoint(function, *args)
 
-        def layer(*inputs):
+        def layer(*inputs):  # also what the backward pass recomputes, with the same prefix
             with prefix.features_as(inputs[-1]):
                 return function(*inputs[:-1])
 

@@ -32,7 +32,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 from saisa.backbones import decoder_family
 from saisa.compat import CACHE_KWARG
 from saisa.configuration_saisa import SaisaConfig
-from saisa.modeling.attention import VISUAL_KV_KWARG, checkpoint_with_visual_inputs, install_visual_kv_hooks
+from saisa.modeling.attention import (
+    VISUAL_KV_KWARG,
+    checkpoint_with_visual_inputs,
+    install_visual_kv_hooks,
+    visual_prefix_active,
+)
 from saisa.modeling.cache import SaisaCache
 from saisa.modeling.image_kv_cache import ImageKVCache
 from saisa.modeling.layout import KeyLayout, SequenceLayout, attention_mask_4d, sequence_layout
@@ -434,8 +439,10 @@ class SaisaModel(SaisaPreTrainedModel):
             no_visual_to_visual=False,
             dtype=text_embeds.dtype,
         )
-        extra = {VISUAL_KV_KWARG: prefix} if prefix is not None else {}
-        return self._decoder(text_embeds, mask, seq.text_positions, **run, **extra)
+        if prefix is None:
+            return self._decoder(text_embeds, mask, seq.text_positions, **run)
+        with visual_prefix_active(prefix):
+            return self._decoder(text_embeds, mask, seq.text_positions, **run, **{VISUAL_KV_KWARG: prefix})
 
     def _forward_embedding_space(
         self, seq: SequenceLayout, keys: KeyLayout, prior: KeyLayout, features, text_embeds, **run
