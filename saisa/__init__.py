@@ -4,14 +4,13 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
-    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
 )
 
 from saisa.configuration_saisa import SaisaConfig
 from saisa.loading import load_pretrained
-from saisa.modeling import SaisaForConditionalGeneration, SaisaPreTrainedModel
+from saisa.modeling import SaisaForConditionalGeneration, SaisaModel, SaisaPreTrainedModel
 from saisa.modeling.image_kv_cache import ImageKVCache
 from saisa.processing import SaisaProcessor
 from saisa.vision.efficientnet import EfficientNetLiteConfig
@@ -20,8 +19,9 @@ from saisa.vision.image_processing import SaisaImageProcessor
 # Saved folders name these classes (config.json `model_type`, processor_config.json `processor_class` and
 # `image_processor_type`): after `import saisa` every Auto class and `pipeline("image-text-to-text")` resolve them.
 AutoConfig.register("saisa", SaisaConfig)
-for auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
-    auto_class.register(SaisaConfig, SaisaForConditionalGeneration)
+# As transformers registers Llava: AutoModel gives the base model, the image-text-to-text class the one with the head.
+AutoModel.register(SaisaConfig, SaisaModel)
+AutoModelForImageTextToText.register(SaisaConfig, SaisaForConditionalGeneration)
 AutoProcessor.register(SaisaConfig, SaisaProcessor)
 AutoImageProcessor.register(EfficientNetLiteConfig, image_processor_classes={"pil": SaisaImageProcessor})
 
@@ -30,6 +30,7 @@ __all__ = [
     "SaisaConfig",
     "SaisaForConditionalGeneration",
     "SaisaImageProcessor",
+    "SaisaModel",
     "SaisaPreTrainedModel",
     "SaisaProcessor",
     "load_pretrained",

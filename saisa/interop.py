@@ -249,6 +249,7 @@ def convert_llava_hf(folder: str | Path, architecture: str | None = None):
 def load_foreign(folder: str | Path, *, architecture: str | None = None, dtype: torch.dtype | None = None):
     """A `SaisaForConditionalGeneration` from a LLaVA-1.5 / SAISA-release / llava-hf folder."""
     from saisa.modeling import SaisaForConditionalGeneration
+    from saisa.modeling.saisa_model import from_legacy_keys, to_legacy_keys
 
     layout = detect_layout(folder)
     convert = {"llava_original": convert_llava_original, "llava_hf": convert_llava_hf}.get(layout)
@@ -256,7 +257,7 @@ def load_foreign(folder: str | Path, *, architecture: str | None = None, dtype: 
         raise UnknownCheckpointError(f"{folder} is already in saisa layout")
     config, state = convert(folder, architecture)
     model = SaisaForConditionalGeneration(config)
-    expected = set(model.state_dict())
+    expected = set(to_legacy_keys(model.state_dict()))  # the names our folders (and `state` here) use
     missing = expected - set(state)
     allowed = {"language_model.lm_head.weight"} if config.text_config.tie_word_embeddings else set()
     if config.architecture == "saisa" and not any(k.startswith("layer_projectors") for k in state):
@@ -269,7 +270,8 @@ def load_foreign(folder: str | Path, *, architecture: str | None = None, dtype: 
     unexpected = sorted(set(state) - expected)
     if unexpected:
         logger.warning("%s: ignoring %d unknown tensor(s), e.g. %s", folder, len(unexpected), unexpected[:3])
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    model.load_state_dict(from_legacy_keys({k: v for k, v in state.items() if k in expected}), strict=False)
+    model.tie_weights()
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
@@ -329,8 +331,10 @@ def export_llava_hf(model, folder: str | Path, processor=None) -> None:
         vision_feature_select_strategy=c.vision_feature_select_strategy,
         multimodal_projector_bias=c.projector_bias,
     ).save_pretrained(folder)
+    from saisa.modeling.saisa_model import to_legacy_keys
+
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in to_legacy_keys(model.state_dict()).items():
         for mine, theirs in _EXPORT_PREFIXES:
             if key.startswith(mine):
                 state[theirs + key.removeprefix(mine)] = value.contiguous()

@@ -39,6 +39,8 @@ install() {  # install VENV [extra requirement, e.g. a transformers pin]
     # `lmms-eval --model saisa` works. On GPU machines: pip install -e ".[lmms-eval]".
     $pip --no-deps lmms-eval
     $pip filelock loguru sacrebleu evaluate pytz tenacity datasets zstandard jsonlines pytablewriter sqlitedict
+    # transformers' own common tests for this venv's transformers, from its sdist on PyPI (tests/transformers_common)
+    "$venv/bin/python" tests/transformers_common/upstream.py
 }
 
 install_vllm() {  # vLLM pins its own torch and transformers range, so it lives in its own environment

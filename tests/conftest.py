@@ -125,8 +125,8 @@ def hf_llava_with_weights_of(model, *, image_token_index: int):
         vision_feature_select_strategy="default",
     )
     hf = LlavaForConditionalGeneration(config).eval()
-    state = {f"model.language_model.{k}": v for k, v in model.language_model.model.state_dict().items()}
-    state["lm_head.weight"] = model.language_model.lm_head.weight
+    state = {f"model.language_model.{k}": v for k, v in model.language_model.state_dict().items()}
+    state["lm_head.weight"] = model.lm_head.weight
     state.update({f"model.vision_tower.{k}": v for k, v in model.vision_tower.model.state_dict().items()})
     state.update({f"model.multi_modal_projector.{k}": v for k, v in model.projector.state_dict().items()})
     missing, unexpected = hf.load_state_dict(state, strict=False)

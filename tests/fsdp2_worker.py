@@ -71,7 +71,7 @@ def main(checkpointing: bool, text_only_rank: bool) -> None:
             model.gradient_checkpointing_enable({"use_reentrant": False})
     want = train(reference, slice(None), text_only_rank)
 
-    for layer in sharded.language_model.model.layers:
+    for layer in sharded.language_model.layers:
         fully_shard(layer)
     fully_shard(sharded)
     got = train(sharded, slice(2 * rank, 2 * rank + 2), text_only_rank)

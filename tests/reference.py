@@ -36,7 +36,7 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
     cfg, tc = model.config, model.config.text_config
     arch = cfg.architecture
     lm = model.language_model
-    layers = lm.model.layers
+    layers = lm.layers
     v = model.vision_tower.num_tokens
     theta = tc.rope_parameters["rope_theta"]
     eps = tc.rms_norm_eps
@@ -69,7 +69,7 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
                 rows[i] = proj_output[where[0], where[1]]
         return rows
 
-    hidden = lm.model.embed_tokens.weight[text_ids].clone()  # (n, h)
+    hidden = lm.embed_tokens.weight[text_ids].clone()  # (n, h)
     if arch != "saisa" and features is not None:
         hidden = torch.where(is_visual[:, None], visual_rows(_projector(features, model.projector)), hidden)
 
@@ -105,7 +105,7 @@ def reference_logits(model, input_ids: torch.Tensor, pixel_values: torch.Tensor 
         y = _rms(h_attn, layer.post_attention_layernorm.weight, eps)
         hidden = h_attn + _linear(F.silu(_linear(y, mlp.gate_proj)) * _linear(y, mlp.up_proj), mlp.down_proj)
 
-    logits_full = _linear(_rms(hidden, lm.model.norm.weight, eps), lm.lm_head)  # (n, vocab)
+    logits_full = _linear(_rms(hidden, lm.norm.weight, eps), model.lm_head)  # (n, vocab)
     # Back to input_ids' layout.
     out = torch.zeros(len(input_ids), logits_full.shape[-1])
     for i in range(n):

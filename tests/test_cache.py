@@ -99,7 +99,7 @@ def test_a_failed_call_leaves_the_cache_as_it_was():
     with torch.no_grad():
         cache = output_cache(model(input_ids=turn1, use_cache=True))
         entries, layout = cache.entries(), cache.layout
-        attention = model.language_model.model.layers[2].self_attn
+        attention = model.language_model.layers[2].self_attn
         original = attention.forward
         attention.forward = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom"))
         with pytest.raises(RuntimeError, match="boom"):

@@ -52,7 +52,7 @@ def test_counted_forward_matches_analytic(arch):
 def test_counted_eager_attention_matches_analytic(arch):
     """With eager attention the score and value matmuls are counted too: the whole analytic figure is checked."""
     model = tiny_model(arch, "llama")
-    model.language_model.set_attn_implementation("saisa_eager")
+    model.language_model.set_attn_implementation("eager")
     text = 40
     ids = torch.tensor([[IMAGE_TOKEN] + list(range(3, 3 + text))])
     analytic = prefill_flops(dims_from_config(model.config), arch, text + 1, lm_head=True)

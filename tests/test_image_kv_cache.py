@@ -117,7 +117,7 @@ def test_load_state_dict_and_replaced_parameters_make_cached_kv_stale():
         torch.testing.assert_close(
             model(IDS, pixel_values=images(1)).logits, other(IDS, pixel_values=images(1)).logits, atol=1e-6, rtol=1e-6
         )
-        v_proj = model.language_model.model.layers[1].self_attn.v_proj
+        v_proj = model.language_model.layers[1].self_attn.v_proj
         v_proj.weight = nn.Parameter(torch.randn_like(v_proj.weight))
         got = model(IDS, pixel_values=images(1)).logits
         expected = _uncached_copy(model)(IDS, pixel_values=images(1)).logits
@@ -127,13 +127,13 @@ def test_load_state_dict_and_replaced_parameters_make_cached_kv_stale():
 
 def test_weights_version_follows_every_kind_of_weight_change():
     model = tiny_model("saisa")
-    modules = [model.vision_tower, model.layer_projectors, model.language_model.model.layers[0].self_attn]
+    modules = [model.vision_tower, model.layer_projectors, model.language_model.layers[0].self_attn]
     version = lambda: WeightsVersion(modules)  # noqa: E731
     before = version()
     assert version() == before  # nothing changed: equal
-    model.language_model.model.layers[0].mlp.up_proj.weight.data.add_(1)  # feeds no visual K/V
+    model.language_model.layers[0].mlp.up_proj.weight.data.add_(1)  # feeds no visual K/V
     assert version() == before
-    k_proj = model.language_model.model.layers[0].self_attn.k_proj
+    k_proj = model.language_model.layers[0].self_attn.k_proj
     with torch.no_grad():
         k_proj.weight.mul_(1.0)  # an in-place write, even one that keeps the values
     assert version() != before
@@ -197,7 +197,7 @@ def test_eval_mode_with_gradients_bypasses_the_cache():
 def test_hits_when_nothing_changed_even_with_gradients_on_for_other_weights():
     model = tiny_model("saisa")
     model.requires_grad_(False)
-    model.language_model.lm_head.requires_grad_(True)  # trains, but feeds no visual K/V
+    model.lm_head.requires_grad_(True)  # trains, but feeds no visual K/V
     model.image_kv_cache = ImageKVCache()
     calls = _count_encoder_calls(model)
     px = images(2)
@@ -207,7 +207,7 @@ def test_hits_when_nothing_changed_even_with_gradients_on_for_other_weights():
     out = model(two, pixel_values=px[[0, 1]])
     out.logits.sum().backward()
     assert calls == [1, 1] and model.image_kv_cache.hits == 3
-    assert model.language_model.lm_head.weight.grad is not None
+    assert model.lm_head.weight.grad is not None
 
 
 def test_weights_made_in_inference_mode_bypass_the_cache():

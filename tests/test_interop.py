@@ -13,6 +13,7 @@ from transformers import LlavaForConditionalGeneration
 
 from saisa import SaisaForConditionalGeneration
 from saisa.interop import UnknownCheckpointError, export_llava_hf, processor_for_foreign
+from saisa.modeling.saisa_model import to_legacy_keys
 from saisa.processing import SaisaProcessor
 
 IDS = torch.tensor([[5, 6, I, 7, 8, 9]])
@@ -37,7 +38,7 @@ def write_authors_layout(model, folder, *, bin_weights: bool = True) -> None:
     )
     (folder / "config.json").write_text(json.dumps(config))
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in to_legacy_keys(model.state_dict()).items():  # the names our folders hold
         if key.startswith("language_model.model."):
             state["model." + key.removeprefix("language_model.model.")] = value
         elif key == "language_model.lm_head.weight":
@@ -123,7 +124,7 @@ def test_saisa_from_a_llava_checkpoint_keeps_llm_and_vision(tmp_path):
     started = SaisaForConditionalGeneration.from_pretrained(tmp_path / "llava15", architecture="saisa")
     assert started.config.architecture == "saisa"
     for key, value in source.state_dict().items():
-        if key.startswith(("language_model.", "vision_tower.")):
+        if key.startswith(("model.language_model.", "model.vision_tower.", "lm_head.")):
             assert torch.equal(started.state_dict()[key], value), key
 
 

@@ -152,7 +152,8 @@ def test_generate_sampling_and_streamer():
 def test_text_only_equals_bare_llm(arch):
     model = tiny_model(arch, "qwen3")
     bare = AutoModelForCausalLM.from_config(model.config.text_config).eval()
-    bare.load_state_dict(model.language_model.state_dict())
+    bare.model.load_state_dict(model.language_model.state_dict())
+    bare.lm_head.load_state_dict(model.lm_head.state_dict())
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, bare(ids).logits)
@@ -190,9 +191,7 @@ def test_naavit_visual_tokens_do_not_see_each_other():
 
     hooks = [
         model.projector.register_forward_hook(perturb_first_visual_token),
-        model.language_model.model.layers[-1].register_forward_hook(
-            lambda m, args, out: captured.__setitem__("h", out)
-        ),
+        model.language_model.layers[-1].register_forward_hook(lambda m, args, out: captured.__setitem__("h", out)),
     ]
     ids = torch.tensor([[5, I, 6]])
     with torch.no_grad():
@@ -212,9 +211,7 @@ def test_llava_visual_tokens_do_see_each_other():
     """The same probe on LLaVA must move later visual tokens, or the NAAViT test above proves nothing."""
     model = tiny_model("llava")
     captured = {}
-    hook = model.language_model.model.layers[-1].register_forward_hook(
-        lambda m, args, out: captured.__setitem__("h", out)
-    )
+    hook = model.language_model.layers[-1].register_forward_hook(lambda m, args, out: captured.__setitem__("h", out))
     ids = torch.tensor([[5, I, 6]])
     px = images(1)
     with torch.no_grad():
@@ -258,7 +255,7 @@ def test_save_load_with_tied_embeddings(tmp_path):
     model = SaisaForConditionalGeneration(config).eval()
     model.save_pretrained(tmp_path)
     loaded = SaisaForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert loaded.language_model.lm_head.weight.data_ptr() == loaded.language_model.model.embed_tokens.weight.data_ptr()
+    assert loaded.lm_head.weight.data_ptr() == loaded.language_model.embed_tokens.weight.data_ptr()
     ids = torch.tensor([[5, I, 6]])
     with torch.no_grad():
         assert torch.equal(model(ids, pixel_values=images(1)).logits, loaded(ids, pixel_values=images(1)).logits)
@@ -274,7 +271,7 @@ def test_gradients_reach_every_projector_and_the_llm(checkpointing):
     out.loss.backward()
     for projector in model.layer_projectors:
         assert projector.linear_1.weight.grad is not None and projector.linear_1.weight.grad.abs().sum() > 0
-    assert model.language_model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

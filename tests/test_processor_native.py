@@ -21,7 +21,7 @@ from transformers import (
     pipeline,
 )
 
-from saisa import SaisaConfig, SaisaForConditionalGeneration, SaisaImageProcessor
+from saisa import SaisaConfig, SaisaForConditionalGeneration, SaisaImageProcessor, SaisaModel
 from saisa.processing import PROCESSOR_FILE, SaisaProcessor
 from saisa.vision import ImagePreprocessing
 
@@ -86,10 +86,14 @@ def test_every_auto_class_loads_a_saved_folder(tmp_path):
     model.save_pretrained(tmp_path)
     tiny_chat_processor().save_pretrained(tmp_path)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), SaisaConfig)
-    for auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
+    # as for transformers' Llava: AutoModel is the base model (no head), AutoModelForImageTextToText the full one,
+    # and a vision-language model is no AutoModelForCausalLM
+    for auto_class, expected in ((AutoModel, SaisaModel), (AutoModelForImageTextToText, SaisaForConditionalGeneration)):
         loaded = auto_class.from_pretrained(tmp_path)
-        assert isinstance(loaded, SaisaForConditionalGeneration)
+        assert type(loaded) is expected
         assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    with pytest.raises(ValueError, match="Unrecognized configuration class"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_chat_template_tokenized_carries_the_images_in_order(tmp_path):

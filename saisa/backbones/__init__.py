@@ -21,7 +21,8 @@ class DecoderFamily:
     has_k_norm: bool = False  # Qwen3-style per-head RMSNorm on keys, applied before RoPE
 
     def decoder(self, language_model: PreTrainedModel) -> nn.Module:
-        return language_model.model
+        """The decoder (e.g. `LlamaModel`) of a causal LM, or the decoder itself."""
+        return language_model if hasattr(language_model, "layers") else language_model.model
 
     def layers(self, language_model: PreTrainedModel) -> nn.ModuleList:
         return self.decoder(language_model).layers

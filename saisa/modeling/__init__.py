@@ -1,3 +1,3 @@
-from saisa.modeling.saisa_model import SaisaForConditionalGeneration, SaisaPreTrainedModel
+from saisa.modeling.saisa_model import SaisaForConditionalGeneration, SaisaModel, SaisaPreTrainedModel
 
-__all__ = ["SaisaForConditionalGeneration", "SaisaPreTrainedModel"]
+__all__ = ["SaisaForConditionalGeneration", "SaisaModel", "SaisaPreTrainedModel"]

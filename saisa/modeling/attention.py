@@ -1,45 +1,94 @@
-"""Attention functions that prepend one layer's visual K/V to the text K/V (SAISA's training path).
+"""SAISA's visual K/V inside each decoder layer, whatever attention implementation the LLM runs.
 
-With a KV cache the visual K/V simply sit in the cache. Without one (training, where gradient checkpointing drops
-caches) the `saisa_visual_kv` keyword, which transformers forwards untouched from the decoder's `forward` to the
-registered attention function, carries a function of the layer index: each layer computes its own visual K/V inside
-its own forward, where FSDP and ZeRO-3 have gathered that layer's parameters, and activation checkpointing recomputes
-them instead of keeping them.
+The LLM keeps transformers' own attention, chosen the transformers way (`attn_implementation="sdpa"` or `"eager"`,
+`set_attn_implementation`). Each of its attention modules gets a forward pre-hook (`install_visual_kv_hooks`). When
+the decoder's forward carries the `saisa_visual_kv` keyword (transformers forwards extra keywords untouched from the
+decoder to every layer's attention module), the hook asks it for that layer's visual K/V, so they are computed inside
+the layer's own forward: where FSDP and ZeRO-3 have gathered the layer's parameters, where offloading hooks have put
+them on the execution device, and inside what activation checkpointing recomputes. They reach the attention through
+its cache argument:
+- with a KV cache (generation) they are written into it before the layer's text K/V (a per-layer KV prefix);
+- without one (training; gradient checkpointing drops caches) a one-call stand-in prepends them to the text K/V.
+
+Activation checkpointing (`checkpoint_with_visual_inputs`) hands each layer the images' features as one more input.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import eager_attention_forward
+from torch import nn
+
+from saisa.compat import CACHE_KWARG
 
 VISUAL_KV_KWARG = "saisa_visual_kv"
-INNER_IMPLEMENTATIONS = {"sdpa": ALL_ATTENTION_FUNCTIONS["sdpa"], "eager": eager_attention_forward}
+
+LayerKV = Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # layer index -> keys, values (B, kv_heads, Vb, hd)
 
 
-def _with_visual_kv(inner):
-    def attention(module, query, key, value, attention_mask, **kwargs):
-        visual_kv = kwargs.pop(VISUAL_KV_KWARG, None)
-        if visual_kv is not None:
-            visual_keys, visual_values = visual_kv(module.layer_idx)  # (B, kv_heads, Vb, head_dim) each
-            key = torch.cat([visual_keys, key], dim=2)
-            value = torch.cat([visual_values, value], dim=2)
-        return inner(module, query, key, value, attention_mask, **kwargs)
+class _PrefixOnly:
+    """Stands in for the KV cache of one attention call: the text K/V of this call follow the layer's visual K/V."""
 
-    return attention
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)
 
 
-def saisa_attention_name(inner: str) -> str:
-    if inner not in INNER_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attention implementation {inner!r} is not supported: SAISA needs arbitrary masks, use one of "
-            f"{sorted(INNER_IMPLEMENTATIONS)}"
-        )
-    return f"saisa_{inner}"
+def _visual_kv_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+    visual_kv: LayerKV | None = kwargs.pop(VISUAL_KV_KWARG, None)
+    if visual_kv is None:
+        return None
+    keys, values = visual_kv(module.layer_idx)  # (B, kv_heads, Vb, head_dim) each
+    cache = kwargs.get(CACHE_KWARG)
+    if cache is not None:
+        cache.update(keys, values, module.layer_idx)
+    else:
+        kwargs[CACHE_KWARG] = _PrefixOnly(keys, values)
+    return args, kwargs
 
 
-for _name, _inner in INNER_IMPLEMENTATIONS.items():
-    AttentionInterface.register(f"saisa_{_name}", _with_visual_kv(_inner))
-    AttentionMaskInterface.register(f"saisa_{_name}", ALL_MASK_ATTENTION_FUNCTIONS[_name])
+def install_visual_kv_hooks(layers: nn.ModuleList) -> None:
+    for layer in layers:
+        attention = layer.self_attn
+        if not getattr(attention, "_saisa_visual_kv_hook", False):
+            attention.register_forward_pre_hook(_visual_kv_pre_hook, with_kwargs=True)
+            attention._saisa_visual_kv_hook = True
+
+
+_ACTIVE_PREFIX: ContextVar = ContextVar("saisa_visual_prefix", default=None)
+
+
+@contextmanager
+def visual_prefix_active(prefix):
+    """Within: the decoder runs with `prefix` (a `VisualPrefix`) giving its layers their visual K/V."""
+    token = _ACTIVE_PREFIX.set(prefix)
+    try:
+        yield
+    finally:
+        _ACTIVE_PREFIX.reset(token)
+
+
+def checkpoint_with_visual_inputs(checkpoint: Callable) -> Callable:
+    """transformers' per-layer checkpoint function, with the images' features (which every layer's visual K/V come
+    from) as one more input of each checkpointed layer. Reentrant checkpointing detaches a layer's inputs and nothing
+    else: features reached another way would keep their graph, and every layer's backward would run through the vision
+    tower's graph again (PyTorch: "Trying to backward through the graph a second time")."""
+
+    def run(function, *args):
+        prefix = _ACTIVE_PREFIX.get()
+        features = getattr(prefix, "features", None)
+        if features is None or not features.requires_grad:
+            return checkpoint(function, *args)
+
+        def layer(*inputs):  # also what the backward pass recomputes, with the same prefix
+            with prefix.features_as(inputs[-1]):
+                return function(*inputs[:-1])
+
+        return checkpoint(layer, *args, features)
+
+    return run

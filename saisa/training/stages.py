@@ -34,8 +34,9 @@ def expand_shared_projector(model: SaisaForConditionalGeneration) -> bool:
     if model.config.architecture != "saisa" or not model.config.shared_projector:
         return False
     layers = model.config.text_config.num_hidden_layers
-    model.layer_projectors = nn.ModuleList(copy.deepcopy(model.projector) for _ in range(layers))
-    del model.projector
+    holder = model.model  # SaisaModel holds the projectors
+    holder.layer_projectors = nn.ModuleList(copy.deepcopy(holder.projector) for _ in range(layers))
+    del holder.projector
     model.config.shared_projector = False
     return True
 
@@ -65,6 +66,7 @@ def configure_stage(
         return get_peft_model(model, config)
     if not freeze_llm:
         model.language_model.requires_grad_(True)
+        model.get_output_embeddings().requires_grad_(True)
     return model
 
 

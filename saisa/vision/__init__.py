@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedConfig
+from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,35 @@ class ImagePreprocessing:
         )
 
 
-class VisionEncoder(nn.Module):
-    """Base class. Subclasses set `self.hidden_size` (d_vis) and `self.num_tokens` (v) and implement `forward`."""
+class VisionEncoder(PreTrainedModel):
+    """Base class, a `PreTrainedModel` (as transformers' vision towers are) holding the encoder as `self.model`.
+    Subclasses call `super().__init__(config)`, set `self.hidden_size` (d_vis) and `self.num_tokens` (v) and implement
+    `forward`."""
 
+    config_class = PreTrainedConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    # The attention choice reaches the wrapped transformers encoder through its own config (a CNN has none to make).
+    _supports_sdpa = True
+    _supports_attention_backend = True
     hidden_size: int
     num_tokens: int
     preprocessing: ImagePreprocessing
 
+    def _init_weights(self, module: nn.Module) -> None:
+        """The wrapped encoder initialises itself (a transformers model) or arrives built (a CNN)."""
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, v, d_vis)
         raise NotImplementedError
+
+    def encode(
+        self, pixel_values: torch.Tensor, *, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutputWithPooling:
+        """`forward`'s features as `last_hidden_state`, plus the encoder's own hidden states and attentions where it
+        has them (a transformers encoder) and they are asked for."""
+        return BaseModelOutputWithPooling(last_hidden_state=self(pixel_values))
 
 
 VISION_ENCODERS: dict[str, type[VisionEncoder]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, CLIPVisionModel, PreTrainedConfig, SiglipVisionModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from saisa.vision import ImagePreprocessing, VisionEncoder, register_vision_encoder
 
@@ -34,7 +35,7 @@ class TransformersVisionTower(VisionEncoder):
     def __init__(
         self, config: PreTrainedConfig, *, feature_layer: int, select_strategy: str, module: nn.Module | None = None
     ):
-        super().__init__()
+        super().__init__(config)
         self.model = module if module is not None else AutoModel.from_config(config)
         self.feature_layer = feature_layer
         has_cls = config.model_type == "clip_vision_model"  # SigLIP has no CLS token
@@ -49,6 +50,16 @@ class TransformersVisionTower(VisionEncoder):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (N, 3, S, S) -> (N, v, d_vis)
+        return self.encode(pixel_values).last_hidden_state
+
+    def encode(
+        self, pixel_values: torch.Tensor, *, output_hidden_states: bool = False, output_attentions: bool = False
+    ) -> BaseModelOutputWithPooling:
         dtype = next(self.model.parameters()).dtype
-        hidden = self.model(pixel_values.to(dtype), output_hidden_states=True).hidden_states[self.feature_layer]
-        return hidden[:, 1:] if self.drop_cls else hidden
+        out = self.model(pixel_values.to(dtype), output_hidden_states=True, output_attentions=output_attentions)
+        hidden = out.hidden_states[self.feature_layer]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden[:, 1:] if self.drop_cls else hidden,
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            attentions=out.attentions if output_attentions else None,
+        )

@@ -30,7 +30,7 @@ class EfficientNetLiteEncoder(VisionEncoder):
     def __init__(
         self, config: PreTrainedConfig, *, feature_layer: int, select_strategy: str, module: nn.Module | None = None
     ):
-        super().__init__()
+        super().__init__(config)
         if module is None:
             try:
                 from efficientnet_lite_pytorch import EfficientNet

@@ -43,7 +43,8 @@ def build_checkpoints(args, root: Path) -> dict[str, Path]:
         config = SaisaConfig(text_config=text, vision_config=vision, architecture=name, image_token_id=len(words))
         model = SaisaForConditionalGeneration(config)
         if shared is None:
-            shared = {k: v for k, v in model.state_dict().items() if k.startswith(("language_model.", "vision_"))}
+            kept = ("model.language_model.", "lm_head.", "model.vision_")  # the LLM and the vision tower
+            shared = {k: v for k, v in model.state_dict().items() if k.startswith(kept)}
         else:
             model.load_state_dict(shared, strict=False)
         folders[name] = root / name
