@@ -1,5 +1,5 @@
 """transformers' own `ProcessorTesterMixin` (tests/test_processing_common.py of the INSTALLED transformers version,
-fetched from its PyPI sdist by fetch_upstream_tests.py) run against `SaisaProcessor`, set up as transformers' LLaVA
+fetched from its PyPI sdist by upstream.py) run against `SaisaProcessor`, set up as transformers' LLaVA
 processor test is: a tokenizer, a CLIP image processor and llava-hf's chat template, all built locally.
 
 The upstream file reads its fixture images through `utils/fetch_hub_objects_for_ci.py` (a Hub download, not in the
@@ -9,7 +9,6 @@ SKIPS (the upstream file's own skips, e.g. of video and audio tests for a proces
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tempfile
 import types
@@ -24,15 +23,7 @@ from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast
 
 from saisa.processing import SaisaProcessor
 
-
-def _load_fetcher():
-    spec = importlib.util.spec_from_file_location(
-        "_saisa_fetch_upstream", Path(__file__).with_name("fetch_upstream_tests.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from .upstream import import_upstream
 
 _FIXTURES = Path(tempfile.mkdtemp(prefix="saisa-upstream-fixtures-"))
 
@@ -52,8 +43,7 @@ def url_to_local_path(url: str, return_url_if_not_found: bool = True) -> str:
 
 
 sys.modules["fetch_hub_objects_for_ci"] = types.SimpleNamespace(url_to_local_path=url_to_local_path)
-sys.path.insert(0, str(_load_fetcher().upstream_tests_dir()))
-from test_processing_common import ProcessorTesterMixin  # noqa: E402
+ProcessorTesterMixin = import_upstream("test_processing_common").ProcessorTesterMixin
 
 # llava-hf/llava-1.5-7b-hf's chat template: transformers' message format (content lists of typed items).
 LLAVA_HF_TEMPLATE = (
