@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from conftest import save_checkpoint, start_llm, stop_llm, tiny_model
 from PIL import Image
 from vllm import SamplingParams
@@ -36,7 +37,7 @@ def test_our_llava_exported_to_llava_hf_runs_on_vllms_own_llava(tmp_path):
     side = model.vision_tower.preprocessing.image_size  # a square image at the encoder's size: no padding, no resize
     image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (side, side, 3), dtype=np.uint8))
     prompt = "user: <image> what is this ?\nassistant:"
-    inputs = SaisaProcessor.from_pretrained(ours)(prompt, images=[image])
+    inputs = SaisaProcessor.from_pretrained(ours)(text=prompt, images=[image], return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
             **inputs,
@@ -46,7 +47,11 @@ def test_our_llava_exported_to_llava_hf_runs_on_vllms_own_llava(tmp_path):
             return_dict_in_generate=True,
         )
     tokens = out.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    logprobs = [torch.log_softmax(logits[0].double(), -1) for logits in out.logits]
+    # The export gives the <image> id (outside our LLM's vocabulary here, where SaisaProcessor adds it) a zero
+    # embedding and LM-head row, as llava-hf looks the image token up in its embedding table: the exported model's
+    # softmax has one more entry, with logit 0. vLLM reports log-probabilities over that vocabulary.
+    extra = int(model.config.image_token_id >= model.config.text_config.vocab_size)
+    logprobs = [torch.log_softmax(F.pad(logits[0].double(), (0, extra)), -1) for logits in out.logits]
 
     llm = start_llm(exported)
     try:
