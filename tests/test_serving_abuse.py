@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-import torch
 from conftest import tiny_chat_processor, tiny_model
 from PIL import Image
+from test_serving_hardening import _expected, _messages
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
@@ -88,23 +88,6 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-
-
-def _expected(model, processor, question: str, images: list, max_tokens: int) -> str:
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    inputs = processor(
-        text=processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True),
-        images=images or None,
-        return_tensors="pt",
-    )
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-
-
-def _messages(question: str, urls=()) -> list[dict]:
-    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]
 
 
 def _raw(url: str, body: bytes, headers=None, timeout: float = 60) -> httpx.Response:
