@@ -203,14 +203,14 @@ def test_health_reports_a_dead_engine():
 
 def test_health_reports_a_stuck_engine():
     model, processor = tiny_model("saisa"), tiny_chat_processor()
-    limits = ServerLimits(request_timeout_s=20)
+    limits = ServerLimits(request_timeout_s=20, stuck_after_s=0.5)
     release = threading.Event()
 
     def block(*_):
         release.wait(15)
 
     model.register_forward_pre_hook(block)
-    app = create_app(model, processor, model_name="tiny", limits=limits, stuck_after_s=0.5)
+    app = create_app(model, processor, model_name="tiny", limits=limits)
     with _running(app, limits) as url, ThreadPoolExecutor(1) as pool:
         reply = pool.submit(_post, url, _body("what ?"), {"Content-Type": "application/json"})
         deadline = time.time() + 10

@@ -83,7 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="prompt positions prefilled per engine step (longer prompts are prefilled in chunks)",
     )
     parser.add_argument(
-        "--stuck-after", type=float, default=120.0, help="seconds in one engine step before /health reports 503"
+        "--stuck-after",
+        type=float,
+        default=limits.stuck_after_s,
+        help="seconds in one engine step before /health reports 503",
     )
     parser.add_argument(
         "--request-timeout", type=float, default=limits.request_timeout_s, help="seconds per request (504 past it)"
@@ -122,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         keep_alive_s=args.keep_alive,
         max_connections=args.max_connections,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
+        stuck_after_s=args.stuck_after,
         allowed_image_dir=Path(args.allow_local_images) if args.allow_local_images else None,
     )
     name = args.model_name or Path(args.model).resolve().name
@@ -132,7 +136,6 @@ def run(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         limits=limits,
         max_batch_size=args.max_batch_size,
-        stuck_after_s=args.stuck_after,
     )
     _enough_descriptors(limits.max_connections)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 (OpenAI chat completions)", flush=True)

@@ -161,6 +161,7 @@ class ServerLimits:
     keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
     max_connections: int = 256  # open connections; more are closed at once
     prefill_chunk_tokens: int = 512  # prompt positions prefilled per engine step (longer prompts: chunks)
+    stuck_after_s: float = 120.0  # one engine step running longer makes /health report 503
     allowed_image_dir: Path | None = None  # local files readable only under here, and only when set
 
 

@@ -57,7 +57,6 @@ def create_app(
     api_key: str | None = None,
     limits: ServerLimits | None = None,
     max_batch_size: int = 8,
-    stuck_after_s: float = 120.0,
 ) -> FastAPI:
     """api_key: when set, every route needs `Authorization: Bearer KEY` (the docs and the OpenAPI schema too), except
     `/health`, left open for probes: it reports health and load counters, nothing of any request's content."""
@@ -68,7 +67,7 @@ def create_app(
         max_batch_size=max_batch_size,
         max_queue=limits.max_queue,
         prefill_chunk_tokens=limits.prefill_chunk_tokens,
-        stuck_after_s=stuck_after_s,
+        stuck_after_s=limits.stuck_after_s,
     )
     prepare = _Preparer(model, processor, limits, model_name)
     preparing = ThreadPoolExecutor(PREPARE_THREADS, "saisa-prepare", initializer=_lower_priority)
