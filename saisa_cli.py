@@ -8,27 +8,28 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # verb -> (module, help). Each module exposes `add_arguments(parser)` and `run(args)`; imported only when used.
 VERBS = {
     "demo": (
-        "saisa.commands.demo",
+        "saisa.cli.demo",
         "the embedded default end to end: real SmolLM2 + EfficientNet-Lite0 on real images",
     ),
-    "train": ("saisa.commands.train", "train one stage (align / instruct) from a YAML recipe, CPU to many GPUs"),
-    "merge-lora": ("saisa.commands.merge_lora", "merge a LoRA adapter into its base model"),
-    "chat": ("saisa.commands.chat", "terminal chat with streaming, images by path, KV cache kept across turns"),
+    "train": ("saisa.cli.train", "train one stage (align / instruct) from a YAML recipe, CPU to many GPUs"),
+    "merge-lora": ("saisa.cli.merge_lora", "merge a LoRA adapter into its base model"),
+    "chat": ("saisa.cli.chat", "terminal chat with streaming, images by path, KV cache kept across turns"),
     "serve": (
-        "saisa.commands.serve",
+        "saisa.cli.serve",
         "OpenAI-compatible HTTP server (chat completions, SSE streaming, image KV cache)",
     ),
-    "eval": ("saisa.commands.eval", "evaluate a saved model on short-answer / multiple-choice / yes-no questions"),
-    "reproduce": ("saisa.commands.reproduce", "train and compare saisa / llava / naavit on the embedded default"),
-    "flops": ("saisa.commands.flops", "analytic inference/training FLOPs: LLaVA-1.5 vs NAAViT vs SAISA vs Flamingo"),
-    "bench": ("saisa.commands.bench", "time SAISA vs LLaVA vs transformers' Llava: TTFT, decode, memory, train step"),
-    "convert": ("saisa.commands.convert", "convert LLaVA-1.5 / SAISA-release / llava-hf checkpoints (and back)"),
-    "ask": ("saisa.commands.ask", "answer one question about one or more images with a saved model"),
+    "eval": ("saisa.cli.eval", "evaluate a saved model on short-answer / multiple-choice / yes-no questions"),
+    "reproduce": ("saisa.cli.reproduce", "train and compare saisa / llava / naavit on the embedded default"),
+    "flops": ("saisa.cli.flops", "analytic inference/training FLOPs: LLaVA-1.5 vs NAAViT vs SAISA vs Flamingo"),
+    "bench": ("saisa.cli.bench", "time SAISA vs LLaVA vs transformers' Llava: TTFT, decode, memory, train step"),
+    "convert": ("saisa.cli.convert", "convert LLaVA-1.5 / SAISA-release / llava-hf checkpoints (and back)"),
+    "ask": ("saisa.cli.ask", "answer one question about one or more images with a saved model"),
 }
 
 
@@ -44,11 +45,21 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(module_name)
             module.add_arguments(subparser)
     args = parser.parse_args(argv)
+    # The library reports progress through `logging`: a command shows saisa's own messages on stderr (other libraries'
+    # warnings reach it through logging's last-resort handler). Removed afterwards: main() may run again in-process.
+    shown, saisa_logger = logging.StreamHandler(), logging.getLogger("saisa")
+    shown.setFormatter(logging.Formatter("%(message)s"))
+    level = saisa_logger.level
+    saisa_logger.addHandler(shown)
+    saisa_logger.setLevel(logging.INFO)
     try:
         return module.run(args) or 0
     except (ValueError, FileNotFoundError) as error:
         print(f"saisa {args.verb}: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        saisa_logger.removeHandler(shown)
+        saisa_logger.setLevel(level)
 
 
 if __name__ == "__main__":

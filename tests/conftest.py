@@ -21,13 +21,13 @@ from transformers import (
 
 import saisa  # noqa: F401  (registers the config with the Auto classes)
 from saisa import SaisaConfig, SaisaForConditionalGeneration
+from saisa.components.encoders import ImagePreprocessing
 from saisa.processing import SaisaProcessor
-from saisa.vision import ImagePreprocessing
 
 VOCAB = 120
 IMAGE_TOKEN = VOCAB  # outside the LLM vocabulary, as the processor's added <image> token is
 
-_TEXT = dict(
+TEXT_SIZES = dict(  # a tiny decoder of any family; tests/test_register_components.py builds a Phi from it
     vocab_size=VOCAB,
     hidden_size=32,
     intermediate_size=48,
@@ -42,7 +42,7 @@ _TEXT = dict(
 
 
 def text_config(family: str = "llama", **overrides):
-    kwargs = {**_TEXT, **overrides}
+    kwargs = {**TEXT_SIZES, **overrides}
     if family == "llama":
         return LlamaConfig(**kwargs)
     if family == "qwen2":

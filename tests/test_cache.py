@@ -10,7 +10,7 @@ from conftest import hf_llava_with_weights_of, images, tiny_model
 from transformers import StaticCache
 
 from saisa.compat import output_cache
-from saisa.modeling.cache import SaisaCache
+from saisa.model.cache import SaisaCache
 
 # Sample 0 holds two images, sample 1 one: expanding pixel_values per image instead of per sample would mix them up.
 IDS = torch.tensor([[3, I, 6, I, 7, 8], [0, 0, 3, 6, I, 9]])

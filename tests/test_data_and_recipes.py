@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -13,9 +14,9 @@ from conftest import tiny_model, tiny_processor
 from PIL import Image
 from safetensors.torch import load_file
 
-from saisa.data import LlavaJsonDataset
-from saisa.processing import load_image
+from saisa.processing import open_image
 from saisa.training import load_recipe, run_training
+from saisa.training.data import LlavaJsonDataset
 from saisa.training.recipe import RECIPES_DIR
 
 QUESTION = {"from": "human", "value": "<image>\nwhat is this ?"}
@@ -240,15 +241,16 @@ def test_a_utf8_file_with_a_bom_loads(tmp_path):
 
 
 @pytest.mark.parametrize("answers", [[None, None], ["", "  "]], ids=["no assistant turn", "empty assistant turns"])
-def test_a_dataset_with_nothing_to_learn_is_refused_before_training(tmp_path, capsys, answers):
+def test_a_dataset_with_nothing_to_learn_is_refused_before_training(tmp_path, caplog, answers):
     records = [{"id": str(i), "image": f"img{i}.png", "conversations": [QUESTION]} for i in range(2)]
     for record, answer in zip(records, answers, strict=True):
         if answer is not None:
             record["conversations"] = [QUESTION, {"from": "gpt", "value": answer}]
     recipe = _write_run(tmp_path, records)
+    caplog.set_level(logging.INFO, logger="saisa")
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "train.json")) + ": no record has an assistant"):
         run_training(recipe)
-    assert "saved the trained model" not in capsys.readouterr().out
+    assert "saved the trained model" not in caplog.text
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
@@ -259,7 +261,7 @@ def test_a_decompression_bomb_is_a_clear_image_error_that_skipping_skips(tmp_pat
     Image.new("RGB", (20, 20)).save(tmp_path / "img2.png")  # between the limit and twice it: PIL only warns
     for name in ("img1.png", "img2.png"):
         with pytest.raises(ValueError, match=f"refusing image {re.escape(str(tmp_path / name))}: .*decompression"):
-            load_image(tmp_path / name)
+            open_image(tmp_path / name)
     with pytest.raises(ValueError, match=r"train.json: record 1, sample 1: refusing image .*img1.png"):
         _dataset(tmp_path)[1]
     lenient = _dataset(tmp_path, skip_bad_images=True)
@@ -294,11 +296,12 @@ def test_counts_made_in_data_loader_workers_reach_the_main_process(tmp_path):
     assert list(lenient.stats.skipped_images) == [1] and lenient.stats.truncated_records == {3}
 
 
-def test_run_training_reports_each_skipped_sample_once(tmp_path, capsys):
+def test_run_training_reports_each_skipped_sample_once(tmp_path, caplog):
     recipe = _write_run(tmp_path, [_record(0), _record(1), "broken", _record(3), _record(4)])
     (tmp_path / "img1.png").unlink()
     recipe["data"]["skip_bad_images"] = True
     recipe["training"] = {**recipe["training"], "max_steps": 6}  # 3 epochs of 4 usable records in batches of 2
+    caplog.set_level(logging.INFO, logger="saisa")
     out = run_training(recipe)
     assert json.loads((out / "training_report.json").read_text())["skipped_samples"] == 2
-    assert "skipped 2 sample(s) with a bad image or a broken record" in capsys.readouterr().out
+    assert "skipped 2 sample(s) with a bad image or a broken record" in caplog.text

@@ -20,7 +20,7 @@ from conftest import torchrun
 from safetensors.torch import load_file
 
 STEPS = 3
-# Largest difference from DDP measured on these runs: 2.6e-7 (ZeRO-3); fp32 reduction order differs per engine.
+# fp32 reduction order differs per engine, so weights agree with DDP's to rounding, not bit for bit.
 WEIGHT_ATOL = 2e-6
 NEEDS_DEEPSPEED = "DeepSpeed is not importable: install the `deepspeed` extra (pip install 'saisa[deepspeed]')"
 LORA_FSDP_REFUSED = "LoRA with FSDP is not supported"
@@ -135,7 +135,7 @@ def _assert_matches_ddp(out: Path, ddp: Path) -> None:
     )
     for key, value in want_weights.items():
         torch.testing.assert_close(got_weights[key], value, atol=WEIGHT_ATOL, rtol=1e-5, msg=f"{out.name}: {key}")
-    for name in ("saisa_processor.json", "training_report.json", "loss.png"):
+    for name in ("processor_config.json", "training_report.json", "loss.png"):
         assert (out / name).exists(), f"{out.name}: {name} missing"
 
 

@@ -17,7 +17,7 @@ def embedded():
 
 
 def test_embedded_default_is_real_and_answers_text_like_the_bare_llm(embedded):
-    from saisa.commands.ask import answer
+    from saisa.cli.ask import answer
 
     model, processor = embedded
     assert model.config.text_config.num_hidden_layers == 30 and model.tokens_per_image == 49

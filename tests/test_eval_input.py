@@ -133,7 +133,7 @@ def no_model_load(monkeypatch):
     def load_pretrained(*args, **kwargs):
         raise AssertionError("the model was loaded before the question file was checked")
 
-    monkeypatch.setattr("saisa.loading.load_pretrained", load_pretrained)
+    monkeypatch.setattr("saisa.checkpoints.loading.load_pretrained", load_pretrained)
 
 
 def test_eval_cli_refuses_a_file_without_usable_rows_before_loading_the_model(tmp_path, capsys, no_model_load):

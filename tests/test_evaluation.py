@@ -15,7 +15,7 @@ from conftest import tiny_chat_processor, tiny_model
 from PIL import Image
 
 from saisa.evaluation import evaluate, exact_match, extract_choice, normalize_answer, pope_metrics, yes_no
-from saisa.evaluation.scoring import continuation_loglikelihood
+from saisa.inference.scoring import continuation_loglikelihood
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_extract_choice(prediction, expected):
 
 
 def test_yes_no_and_pope_metrics_by_hand():
-    # "maybe" says neither: the official POPE rule counts it as yes (this test used to expect None, counted as no)
+    # "maybe" says neither: the official POPE rule counts it as yes (not None, which would count as no)
     assert [yes_no(x) for x in ("Yes, there is.", "No.", "There is not", "maybe")] == ["yes", "no", "no", "yes"]
     predictions = ["yes", "yes", "no", "no", "yes"]
     labels = ["yes", "no", "yes", "no", "yes"]
@@ -129,7 +129,7 @@ def test_eval_outputs_are_complete_and_missing_images_reported(tmp_path):
 
 def test_pope_metrics_are_per_row_whatever_the_question_ids(tmp_path):
     """Labels yes/no/yes/no under a missing, then a repeated question_id: the metrics pair each answer with its own
-    row's label (a dict of ids paired them all with the last row's and reported accuracy 1.0 for all-"no")."""
+    row's label (a dict keyed by id would pair them all with the last row's label)."""
     model, processor = tiny_model("saisa"), tiny_chat_processor()
     rows = [
         {"text": "is this ?", "label": "yes"},

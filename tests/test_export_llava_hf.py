@@ -12,7 +12,7 @@ from conftest import tiny_chat_processor, tiny_model
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor, pipeline
 
-from saisa.interop import llava_hf_chat_template
+from saisa.checkpoints.export_llava_hf import llava_hf_chat_template
 from saisa.processing import SaisaProcessor
 
 NEW_TOKENS = 8

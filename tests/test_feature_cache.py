@@ -11,8 +11,8 @@ from conftest import IMAGE_TOKEN as I
 from conftest import images, tiny_model
 from test_training import _write_run
 
+from saisa.model.feature_cache import VisionFeatureCache
 from saisa.training import run_training
-from saisa.vision.feature_cache import VisionFeatureCache
 
 
 def _count_encoder_calls(model) -> list[int]:

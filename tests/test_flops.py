@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, images, tiny_model
+from conftest import IMAGE_TOKEN, images, tiny_model, vision_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from saisa.flops import PRESETS, dims_from_config, prefill_flops, recipe_training_ratio, training_flops
+from saisa import SaisaConfig
+from saisa.bench.flops import (
+    PRESETS,
+    dims_from_config,
+    prefill_flops,
+    recipe_training_ratio,
+    training_flops,
+    vision_dims,
+)
+from saisa.components.encoders import build_vision_encoder
+from saisa.components.encoders.efficientnet import EfficientNetLiteConfig
 
 
 def test_vicuna7b_reproduces_the_papers_reduction():
@@ -57,3 +67,25 @@ def test_counted_eager_attention_matches_analytic(arch):
     ids = torch.tensor([[IMAGE_TOKEN] + list(range(3, 3 + text))])
     analytic = prefill_flops(dims_from_config(model.config), arch, text + 1, lm_head=True)
     assert _counted(model, ids, images(1)) == pytest.approx(analytic["total"], rel=0.02)
+
+
+@pytest.mark.parametrize(
+    ("vision", "strategy"),
+    [
+        (vision_config("clip"), "default"),
+        (vision_config("clip"), "full"),
+        (vision_config("siglip"), "default"),
+        (EfficientNetLiteConfig(image_size=100), "default"),
+    ],
+)
+def test_vision_dims_read_from_the_config_match_the_built_encoder(vision, strategy):
+    """v and d_vis read from the config are what the encoder, built, reports and outputs."""
+    config = SaisaConfig(vision_config=vision, vision_feature_select_strategy=strategy)
+    try:
+        encoder = build_vision_encoder(vision, feature_layer=config.vision_feature_layer, select_strategy=strategy)
+    except ImportError:
+        pytest.skip("efficientnet-lite-pytorch is not installed")
+    side = vision.image_size
+    with torch.no_grad():
+        features = encoder(torch.zeros(1, 3, side, side))  # (1, v, d_vis)
+    assert vision_dims(config) == (encoder.num_tokens, encoder.hidden_size) == tuple(features.shape[1:])

@@ -14,7 +14,7 @@ from conftest import images, tiny_model
 from torch import nn
 
 from saisa import ImageKVCache  # the public name
-from saisa.modeling.image_kv_cache import WeightsVersion
+from saisa.model.image_kv_cache import WeightsVersion
 
 
 def test_cached_generation_equals_uncached_at_other_positions_and_prompts():

@@ -11,9 +11,9 @@ import pytest
 from conftest import tiny_chat_processor, tiny_model, tiny_processor
 from PIL import Image
 
-from saisa.data import LlavaJsonDataset
 from saisa.evaluation import evaluate
 from saisa.processing import open_image
+from saisa.training.data import LlavaJsonDataset
 
 
 def png_header(width: int, height: int) -> bytes:

@@ -11,12 +11,20 @@ from conftest import hf_llava_with_weights_of, images, tiny_chat_processor, tiny
 from reference import reference_logits
 from transformers import LlavaForConditionalGeneration
 
-from saisa import SaisaForConditionalGeneration
-from saisa.interop import UnknownCheckpointError, export_llava_hf, processor_for_foreign
-from saisa.modeling.saisa_model import to_legacy_keys
+from saisa.checkpoints.export_llava_hf import export_llava_hf
+from saisa.checkpoints.foreign import UnknownCheckpointError, detect_layout, processor_for_foreign
+from saisa.checkpoints.loading import load_model
+from saisa.model import SaisaForConditionalGeneration
+from saisa.model.configuration import SaisaConfig
+from saisa.model.modeling import to_legacy_keys
 from saisa.processing import SaisaProcessor
 
 IDS = torch.tensor([[5, 6, I, 7, 8, 9]])
+
+
+def _load(folder, **kwargs):
+    """The model alone, as `saisa.load_pretrained` loads it (foreign folders are converted there)."""
+    return load_model(folder, **kwargs)
 
 
 def write_authors_layout(model, folder, *, bin_weights: bool = True) -> None:
@@ -71,7 +79,7 @@ def write_authors_layout(model, folder, *, bin_weights: bool = True) -> None:
 def test_saisa_release_layout_matches_the_reference(tmp_path):
     source = tiny_model("saisa")
     write_authors_layout(source, tmp_path / "release")
-    loaded = SaisaForConditionalGeneration.from_pretrained(tmp_path / "release")
+    loaded = _load(tmp_path / "release")
     assert loaded.config.architecture == "saisa" and len(loaded.layer_projectors) == 3
     with torch.no_grad():
         expected = reference_logits(source, IDS[0], images(1))  # the released model's equations, source weights
@@ -82,7 +90,7 @@ def test_saisa_release_layout_matches_the_reference(tmp_path):
 def test_llava_original_layout_matches_transformers_llava(tmp_path):
     source = tiny_model("llava")
     write_authors_layout(source, tmp_path / "llava15", bin_weights=True)
-    loaded = SaisaForConditionalGeneration.from_pretrained(tmp_path / "llava15")
+    loaded = _load(tmp_path / "llava15")
     assert loaded.config.architecture == "llava"
     hf = hf_llava_with_weights_of(source, image_token_index=3)
     v = loaded.tokens_per_image
@@ -97,7 +105,7 @@ def test_llava_hf_layout_loads_and_exports_back(tmp_path):
     reference = tiny_model("llava")
     hf = hf_llava_with_weights_of(reference, image_token_index=3)
     hf.save_pretrained(tmp_path / "hf")
-    loaded = SaisaForConditionalGeneration.from_pretrained(tmp_path / "hf")
+    loaded = _load(tmp_path / "hf")
     assert loaded.config.image_token_id == 3
     v = loaded.tokens_per_image
     ids = torch.tensor([[5, 6, 3, 7, 8, 9]])
@@ -121,7 +129,7 @@ def test_llava_hf_layout_loads_and_exports_back(tmp_path):
 def test_saisa_from_a_llava_checkpoint_keeps_llm_and_vision(tmp_path):
     source = tiny_model("llava")
     write_authors_layout(source, tmp_path / "llava15")
-    started = SaisaForConditionalGeneration.from_pretrained(tmp_path / "llava15", architecture="saisa")
+    started = _load(tmp_path / "llava15", architecture="saisa")
     assert started.config.architecture == "saisa"
     for key, value in source.state_dict().items():
         if key.startswith(("model.language_model.", "model.vision_tower.", "lm_head.")):
@@ -140,36 +148,48 @@ def test_convert_cli_writes_a_folder_with_the_training_template(tmp_path):
         add_generation_prompt=True,
     )
     assert prompt.endswith("USER: <image>\nWhat? ASSISTANT:") and prompt.startswith("<s>A chat between")
-    model = SaisaForConditionalGeneration.from_pretrained(tmp_path / "ours")
+    model = _load(tmp_path / "ours")
     assert model.config.image_token_id == processor.image_token_id
+
+
+def test_from_pretrained_refuses_foreign_folders_naming_the_loader(tmp_path):
+    """transformers' `from_pretrained` would build a model of the default config with none of the weights in place;
+    it names the loader that converts them instead."""
+    write_authors_layout(tiny_model("saisa"), tmp_path / "release")
+    hf_llava_with_weights_of(tiny_model("llava"), image_token_index=3).save_pretrained(tmp_path / "hf")
+    for folder, model_type in ((tmp_path / "release", "llava_llama"), (tmp_path / "hf", "llava")):
+        with pytest.raises(ValueError, match=f"'{model_type}' config is not a saisa folder: saisa.load_pretrained"):
+            SaisaForConditionalGeneration.from_pretrained(folder)
+        with pytest.raises(ValueError, match="saisa convert SRC DST"):
+            SaisaConfig.from_pretrained(folder)
+    tiny_model("saisa").save_pretrained(tmp_path / "ours")
+    assert SaisaForConditionalGeneration.from_pretrained(tmp_path / "ours").config.architecture == "saisa"
 
 
 def test_unknown_layouts_are_refused_with_what_is_missing(tmp_path):
     with pytest.raises(UnknownCheckpointError, match="no config.json"):
-        from saisa.interop import detect_layout
-
         detect_layout(tmp_path)
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(UnknownCheckpointError, match="unknown layout.*'gpt2'"):
-        SaisaForConditionalGeneration.from_pretrained(tmp_path / "gpt")
+        _load(tmp_path / "gpt")
     write_authors_layout(tiny_model("saisa"), tmp_path / "broken")
     config = json.loads((tmp_path / "broken" / "config.json").read_text())
     config["mm_vision_tower"] = "someone/unknown-tower"
     (tmp_path / "broken" / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnknownCheckpointError, match="vision tower 'someone/unknown-tower'"):
-        SaisaForConditionalGeneration.from_pretrained(tmp_path / "broken")
+        _load(tmp_path / "broken")
     write_authors_layout(tiny_model("saisa"), tmp_path / "partial")
     state = torch.load(tmp_path / "partial" / "pytorch_model.bin")
     del state["model.layers.0.self_attn.q_proj.weight"]
     torch.save(state, tmp_path / "partial" / "pytorch_model.bin")
     with pytest.raises(UnknownCheckpointError, match="weights missing.*q_proj"):
-        SaisaForConditionalGeneration.from_pretrained(tmp_path / "partial")
+        _load(tmp_path / "partial")
 
 
 def test_llama3_checkpoints_get_the_llava_llama3_template(tmp_path):
     write_authors_layout(tiny_model("saisa"), tmp_path / "release")
-    model = SaisaForConditionalGeneration.from_pretrained(tmp_path / "release")
+    model = _load(tmp_path / "release")
     processor = processor_for_foreign(tmp_path / "release", model, template="llama3")
     prompt = processor.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert prompt.endswith(

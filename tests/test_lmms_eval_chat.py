@@ -16,7 +16,7 @@ from PIL import Image
 
 pytest.importorskip("lmms_eval")
 
-from saisa.generation import answer_batch  # noqa: E402
+from saisa.inference.generation import answer_batch  # noqa: E402
 from saisa.integrations.lmms_eval_model import SaisaChatLMM, SaisaLMM, parse_batch_size  # noqa: E402
 
 TASK_UTILS = """

@@ -315,6 +315,27 @@ def test_error_wrong_image_shape():
         model(torch.tensor([[5, I]]), pixel_values=torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_position_ids_are_checked_against_the_images_places(arch):
+    model = tiny_model(arch)  # 16 tokens per image
+    ids = torch.tensor([[5, I, 7, 8]])
+    with torch.no_grad():
+        expected = model(ids, pixel_values=images(1)).logits
+        # the image takes positions 1..16 (its placeholder column: the first), so the text after it starts at 17
+        given = model(ids, pixel_values=images(1), position_ids=torch.tensor([[0, 1, 17, 18]])).logits
+        torch.testing.assert_close(given, expected, atol=0, rtol=0)
+        with pytest.raises(ValueError, match="position_ids differ from the positions the model computes"):
+            model(ids, pixel_values=images(1), position_ids=torch.arange(4)[None])  # one position per column
+        with pytest.raises(ValueError, match=r"position_ids must be \(batch, seq\)"):
+            model(ids, pixel_values=images(1), position_ids=torch.arange(3)[None])
+        prefill = model(ids, pixel_values=images(1), use_cache=True)
+        step = dict(past_key_values=output_cache(prefill), use_cache=True)
+        next_ids = torch.tensor([[9]])
+        model(next_ids, position_ids=torch.tensor([[19]]), **step)  # counting on from the cache
+        with pytest.raises(ValueError, match="position_ids differ"):
+            model(next_ids, position_ids=torch.tensor([[4]]), **step)
+
+
 def test_error_unsupported_backbone():
     from transformers import GPT2Config
 

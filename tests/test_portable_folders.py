@@ -96,4 +96,7 @@ def test_saved_folders_name_their_auto_classes(folder):
     assert config["auto_map"]["AutoModelForImageTextToText"] == "saisa_auto.SaisaForConditionalGeneration"
     processor = json.loads((folder / "processor_config.json").read_text())
     assert processor["auto_map"] == {"AutoProcessor": "saisa_auto.SaisaProcessor"}
-    assert "from saisa.processing import SaisaProcessor" in (folder / "saisa_auto.py").read_text()
+    assert (
+        "from saisa import SaisaConfig, SaisaModel, SaisaForConditionalGeneration, SaisaProcessor"
+        in (folder / "saisa_auto.py").read_text()
+    )

@@ -22,8 +22,8 @@ from transformers import (
 )
 
 from saisa import SaisaConfig, SaisaForConditionalGeneration, SaisaImageProcessor, SaisaModel
-from saisa.processing import PROCESSOR_FILE, SaisaProcessor
-from saisa.vision import ImagePreprocessing
+from saisa.components.encoders import ImagePreprocessing
+from saisa.processing import SaisaProcessor
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -59,7 +59,7 @@ def assert_same_batch(a, b):
 def test_auto_processor_round_trip(tmp_path):
     processor = tiny_chat_processor()
     processor.save_pretrained(tmp_path)
-    assert (tmp_path / "processor_config.json").exists() and (tmp_path / PROCESSOR_FILE).exists()
+    assert (tmp_path / "processor_config.json").exists() and not (tmp_path / "saisa_processor.json").exists()
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert isinstance(loaded, SaisaProcessor) and isinstance(loaded.image_processor, SaisaImageProcessor)
     assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), SaisaImageProcessor)
@@ -171,56 +171,26 @@ def test_pipeline_gives_what_generate_gives(tmp_path):
     )
 
 
-def _old_folder(folder, *, template=None):
-    """What SaisaProcessor.save_pretrained wrote before processor_config.json: tokenizer files, saisa_processor.json."""
-    tiny_processor().tokenizer.save_pretrained(folder)
-    settings = {
-        "image_token": "<image>",
-        "image_size": 16,
-        "image_mean": [0.5] * 3,
-        "image_std": [0.5] * 3,
-        "template": template,
-    }
-    (folder / PROCESSOR_FILE).write_text(json.dumps(settings))
-
-
-def test_a_folder_saved_by_the_old_processor_loads(tmp_path):
-    _old_folder(tmp_path, template="vicuna_v1")
-    loaded = SaisaProcessor.from_pretrained(tmp_path)
-    reference = tiny_processor()
-    assert loaded.template == "vicuna_v1" and loaded.preprocessing == reference.preprocessing
-    image = noise(30, 11)
-    assert_same_batch(
-        loaded(text="<image> what is a cat ?", return_tensors="pt", images=[image]),
-        reference(text="<image> what is a cat ?", return_tensors="pt", images=[image]),
-    )
-    tiny_model().save_pretrained(tmp_path)  # a model folder: AutoProcessor finds the processor through config.json
-    assert isinstance(AutoProcessor.from_pretrained(tmp_path), SaisaProcessor)
-
-
 def test_a_checkpoints_preprocessor_config_is_read(tmp_path):
     image = noise(13, 21)
     mean, std = (0.1, 0.2, 0.3), (0.3, 0.2, 0.1)
-    _old_folder(tmp_path)
-    default = SaisaProcessor.from_pretrained(tmp_path).preprocess_images([image])
+    default = tiny_processor().preprocess_images([image])
     CLIPImageProcessor(
         size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, image_mean=list(mean), image_std=list(std)
     ).save_pretrained(tmp_path)
-    loaded = SaisaProcessor.from_pretrained(tmp_path)
+    only_the_checkpoints = tmp_path / "checkpoint"  # a tokenizer and preprocessor_config.json, nothing of ours
+    tiny_processor().tokenizer.save_pretrained(only_the_checkpoints)
+    (only_the_checkpoints / "preprocessor_config.json").write_text((tmp_path / "preprocessor_config.json").read_text())
+    loaded = SaisaProcessor.from_pretrained(only_the_checkpoints)
     assert type(loaded.image_processor).__name__.startswith("CLIPImageProcessor")
     pixels = loaded.preprocess_images([image])
     assert not torch.allclose(pixels, default)
     torch.testing.assert_close(pixels, llava_reference([image], ImagePreprocessing(16, mean, std)))
 
-    only_the_checkpoints = tmp_path / "checkpoint"  # a tokenizer and preprocessor_config.json, nothing of ours
-    tiny_processor().tokenizer.save_pretrained(only_the_checkpoints)
-    (only_the_checkpoints / "preprocessor_config.json").write_text((tmp_path / "preprocessor_config.json").read_text())
-    torch.testing.assert_close(SaisaProcessor.from_pretrained(only_the_checkpoints).preprocess_images([image]), pixels)
-
 
 def test_a_folder_without_a_processor_is_named(tmp_path):
     tiny_processor().tokenizer.save_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no processor_config.json, preprocessor_config.json or saisa_proc"):
+    with pytest.raises(FileNotFoundError, match="no processor_config.json or preprocessor_config.json"):
         SaisaProcessor.from_pretrained(tmp_path)
 
 

@@ -22,7 +22,7 @@ from test_images import png_header
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from saisa.modeling.image_kv_cache import ImageKVCache  # noqa: E402
+from saisa.model.image_kv_cache import ImageKVCache  # noqa: E402
 from saisa.serving.chat import ChatSession  # noqa: E402
 from saisa.serving.protocol import ServerLimits  # noqa: E402
 from saisa.serving.server import create_app  # noqa: E402
@@ -245,8 +245,8 @@ def _png_header(width: int, height: int) -> str:
 
 
 def test_image_placeholder_in_one_request_fails_only_that_request(served):
-    """A literal <image> in one request's text used to fail its whole batch with a 400 that told everyone the
-    batch's image counts."""
+    """A literal <image> in one request's text fails that request alone: its batch-mates are not told the batch's
+    image counts, nor refused."""
     healthy = [("what is this ?", [0]), ("what ?", []), ("this is what ?", [1, 2])]
     expected = [_expected(served, q, [_png(s)[0] for s in seeds]) for q, seeds in healthy]
     poisoned = _body("In HTML, what is the <image> tag ?", [3])
@@ -333,8 +333,8 @@ def test_limits_are_checked_before_the_work(strict, case, status, fragment):
 
 
 def test_pad_to_square_is_bounded_for_a_one_pixel_strip(served):
-    """A 243-byte 1x40000 PNG used to ask pad-to-square for a 40000² canvas (4.8 GB); it is shrunk first."""
-    from saisa.processing import MAX_PAD_SIDE, expand_to_square
+    """A 243-byte 1x40000 PNG would ask pad-to-square for a 40000² canvas (gigabytes); it is shrunk first."""
+    from saisa.processing.images import MAX_PAD_SIDE, expand_to_square
 
     strip = Image.new("RGB", (1, 40_000), "white")
     square = expand_to_square(strip, (0, 0, 0))
@@ -588,7 +588,8 @@ def test_load_with_one_poisoned_request(served):
 def test_step_decoder_rows_that_leave_early_leave_the_others_as_generate_makes_them(architecture):
     """The server's decoding loop against `generate` on each request alone: three rows of 3, 12 and 30 tokens in one
     batch, each dropped from the batch (and its cache) when done."""
-    from saisa.generation import StepDecoder, user_prompt
+    from saisa.inference.decoding import StepDecoder
+    from saisa.inference.generation import user_prompt
 
     model, processor = tiny_model(architecture), tiny_chat_processor()
     requests = [("what is this ?", [_png(0)[0]], 3), ("what ?", [], 12), ("is this ?", [_png(1)[0], _png(2)[0]], 30)]

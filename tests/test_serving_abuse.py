@@ -119,11 +119,11 @@ def _hostile(url: str, port: int) -> dict[str, tuple[int, ...]]:
     results["2 black 4096² PNGs"] = _raw(url, body(messages=_messages("what ?", [black] * 2))).status_code
     big = b'{"model": "tiny", "user": "' + b"x" * (3 * 2**20) + b'", "messages": []}'
 
-    def trickled(_) -> int:  # announced, then sent in two parts: the bodies overlap
+    def trickled(_) -> int:  # all but its last bytes sent, then a pause: the 8 bodies are buffered at once
         def parts():
-            yield big[:1000]
+            yield big[:-1000]
             time.sleep(1)
-            yield big[1000:]
+            yield big[-1000:]
 
         return _raw(url, parts(), {"Content-Length": str(len(big))}).status_code
 

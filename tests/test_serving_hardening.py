@@ -1,9 +1,10 @@
-"""`saisa serve` against requests that used to stop it or make it work before its limits (issue 20): a supervised
+"""`saisa serve` against requests meant to stop it or make it work before its limits (issue 20): a supervised
 engine, numerically safe sampling, bounds checked before the work, 4xx for every client error, true logprob bytes,
 typed special-token text kept as text, the API key on every route, connection bounds."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -26,6 +27,7 @@ from transformers import PreTrainedTokenizerFast
 
 uvicorn = pytest.importorskip("uvicorn")
 
+from saisa.components.encoders import ImagePreprocessing  # noqa: E402
 from saisa.processing import SaisaProcessor  # noqa: E402
 from saisa.serving import server as server_module  # noqa: E402
 from saisa.serving.engine import GenerationEngine, Job  # noqa: E402
@@ -33,7 +35,6 @@ from saisa.serving.http import uvicorn_config  # noqa: E402
 from saisa.serving.protocol import ServerLimits  # noqa: E402
 from saisa.serving.server import create_app  # noqa: E402
 from saisa.serving.tokens import PromptTokenizer, TokenBytes  # noqa: E402
-from saisa.vision import ImagePreprocessing  # noqa: E402
 
 KEY = "secret"
 HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
@@ -124,7 +125,8 @@ def _health(url: str) -> httpx.Response:
 
 
 def test_a_tiny_temperature_is_greedy_and_the_engine_goes_on(hardened):
-    """temperature 1e-300 used to divide the logits into inf, the softmax into NaN, and kill the engine thread."""
+    """temperature 1e-300 would divide the logits into inf and the softmax into NaN: it is greedy, and the engine
+    thread lives on."""
     url, model, processor = hardened["url"], hardened["model"], hardened["processor"]
     reply = _post(url, _body(temperature=1e-300, seed=3))
     assert reply.status_code == 200, reply.text
@@ -328,8 +330,8 @@ def test_the_deadline_is_checked_while_preparing(monkeypatch):
 
 def test_buffered_body_bytes_are_bounded_across_requests():
     """Bodies that trickle in hold the bytes they have sent; one that would pass the in-flight budget gets 503 at once.
-    Announcing a large Content-Length and sending nothing holds nothing: two such connections used to hold the whole
-    budget, and every other request got 503 until their body timeout."""
+    Announcing a large Content-Length and sending nothing holds nothing, else two such connections could hold the
+    whole budget and every other request would get 503 until their body timeout."""
     model, processor = tiny_model("saisa"), tiny_chat_processor()
     limits = ServerLimits(max_body_bytes=100_000, max_inflight_body_bytes=250_000, body_timeout_s=5)
     app = create_app(model, processor, model_name="tiny", limits=limits)
@@ -377,7 +379,7 @@ def test_a_body_that_does_not_arrive_in_time_gets_408():
 
 
 def test_a_client_leaving_mid_body_logs_no_traceback(hardened):
-    """Each such client used to log a 4 KB traceback (ClientDisconnect): a cheap way to flood the server's log."""
+    """A traceback (ClientDisconnect) per such client would be a cheap way to flood the server's log."""
     records, handler = [], logging.Handler()
     handler.emit = records.append
     uvicorn_log = logging.getLogger("uvicorn.error")
@@ -433,8 +435,8 @@ def test_slow_header_connections_are_closed_and_capped():
 
 
 def test_slow_body_connections_make_room_at_the_cap():
-    """Connections that sent whole headers and trickle their bodies used to be kept at the cap until the body timeout:
-    16 of them shut every new client out (/health included) for 30 s, again and again."""
+    """Connections that sent whole headers and trickle their bodies must not be kept at the cap until the body
+    timeout: 16 of them would shut every new client out (/health included) for 30 s, again and again."""
     model, processor = tiny_model("saisa"), tiny_chat_processor()
     limits = ServerLimits(max_connections=16, header_timeout_s=0.5, body_timeout_s=30)
     app = create_app(model, processor, model_name="tiny", limits=limits)
@@ -451,6 +453,49 @@ def test_slow_body_connections_make_room_at_the_cap():
         assert httpx.get(url + "/health", timeout=5).status_code == 200  # on a new connection, replacing a slow one
         assert time.perf_counter() - start < 2
         assert _closed_by_server(sockets[0])  # the longest-waiting one made room
+
+
+class _Transport(asyncio.Transport):
+    """A socket's transport as the protocol sees it, without the socket: closing only marks it closed."""
+
+    def __init__(self):
+        super().__init__()
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_connection_closed_for_room_stops_counting_at_once():
+    """At the cap a new connection closes the slow one that has waited longest. uvicorn's concurrency limit counts
+    the connections it knows, and a closed one leaves that count only in `connection_lost`, a loop iteration later:
+    counted until then, it made uvicorn answer 503 to requests on the connections that replaced slow ones (the
+    abuse test saw one such 503 among 8 prompt clients)."""
+    limits = ServerLimits(max_connections=4, header_timeout_s=1)
+    config = uvicorn_config(lambda scope, receive, send: None, host="127.0.0.1", port=0, limits=limits)
+    config.load()
+    state, loop = uvicorn.server.ServerState(), asyncio.new_event_loop()
+    try:
+
+        def connect():
+            protocol = config.http_protocol_class(config=config, server_state=state, app_state={}, _loop=loop)
+            transport = _Transport()
+            protocol.connection_made(transport)
+            return protocol, transport
+
+        slow = [connect() for _ in range(4)]
+        for protocol, _ in slow:  # they have waited for their headers past a quarter of the deadline
+            protocol._opened -= 1
+        newcomer, newcomer_transport = connect()
+        closed = [transport.closed for _, transport in slow]
+        assert closed == [True, False, False, False] and not newcomer_transport.closed
+        assert state.connections == {protocol for protocol, _ in slow[1:]} | {newcomer}
+        assert len(state.connections) < config.limit_concurrency  # a request on the newcomer is served, not 503
+    finally:
+        loop.close()
 
 
 # -- every client error a 4xx ---------------------------------------------------------------------------------------
@@ -629,9 +674,21 @@ def test_prompt_tokenizer_matches_the_ordinary_encoding_for_plain_text():
     ]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     expected = processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    assert tokenizer.encode(messages, ["be brief", "what is this ?"]) == expected
+    assert tokenizer.encode(messages, ["be brief", "what is this ?"]) == (expected, [])
     # the path that cuts the prompt at the template's special tokens gives the same ids for plain text
-    assert tokenizer.encode_keeping_text_plain(messages, ["be brief", "what is this ?"]) == expected
+    assert tokenizer.encode_keeping_text_plain(messages, ["be brief", "what is this ?"]) == (expected, [])
+
+
+def test_prompt_tokenizer_gives_each_image_and_video_one_image_token_in_order():
+    """As the processor's ids for a one-frame video and an untiled image (one view each), both paths."""
+    processor = _chatml_processor()
+    tokenizer = PromptTokenizer(processor)
+    content = [{"type": "video"}, {"type": "text", "text": "what is"}, {"type": "image"}, {"type": "text", "text": "?"}]
+    messages = [{"role": "user", "content": content}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    expected = processor(text=prompt, images=[_png(0)[0]], videos=[[_png(1)[0]]])["input_ids"][0]
+    assert tokenizer.encode(messages, ["what is", "?"]) == (expected, ["video", "image"])
+    assert tokenizer.encode_keeping_text_plain(messages, ["what is", "?"]) == (expected, ["video", "image"])
 
 
 # -- chunked prefill --------------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from conftest import tiny_model, tiny_processor
 from PIL import Image
 from safetensors.torch import load_file
 
-from saisa.data import LlavaJsonDataset, TemplateMismatchError, get_template, tokenize_with_labels
-from saisa.data.templates import Template
+from saisa.processing.templates import Template, TemplateMismatchError, get_template, tokenize_with_labels
 from saisa.training import load_recipe, run_training
+from saisa.training.data import LlavaJsonDataset
 
 QUESTION = {"from": "human", "value": "<image>\nwhat is this ?"}
 
@@ -74,7 +74,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path, arch):
     out = run_training(_write_run(tmp_path, arch))
     losses = [loss for _, loss in json.loads((out / "training_report.json").read_text())["losses"]]
     assert losses[-1] < 0.7 * losses[0], losses
-    assert (out / "model.safetensors").exists() and (out / "saisa_processor.json").exists()
+    assert (out / "model.safetensors").exists() and (out / "processor_config.json").exists()
     assert (out / "loss.png").exists()
 
 

@@ -42,7 +42,7 @@ TEXT_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config
 
 def vision_config(kind: str):
     if kind == "efficientnet":
-        from saisa.vision.efficientnet import EfficientNetLiteConfig
+        from saisa.components.encoders.efficientnet import EfficientNetLiteConfig
 
         return EfficientNetLiteConfig(
             image_size=64
@@ -67,11 +67,12 @@ def tiny_model(architecture="saisa", family="llama", vision="clip", seed=0) -> S
     return model
 
 
-def save_checkpoint(model, folder: Path) -> Path:
-    """The model and a processor for its encoder's own preprocessing, as a folder vLLM and we both load."""
+def save_checkpoint(model, folder: Path, **processor_kwargs) -> Path:
+    """The model and a processor for its encoder's own preprocessing (`processor_kwargs`: AnyRes tiling, say), as a
+    folder vLLM and we both load."""
     from saisa.processing import SaisaProcessor
 
-    processor = SaisaProcessor(tiny_chat_processor().tokenizer, model.vision_tower.preprocessing)
+    processor = SaisaProcessor(tiny_chat_processor().tokenizer, model.vision_tower.preprocessing, **processor_kwargs)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

@@ -1,6 +1,7 @@
 """vLLM (in-process engine, fp32, eager unless a test says otherwise) against our transformers model holding the same
 weights: same greedy tokens, same log-probabilities, with images anywhere in the prompt, chunked prefill, prefix
-caching, every backbone family and vision encoder, and the LLaVA-1.5 and NAAViT baselines."""
+caching, every backbone family and vision encoder, AnyRes-tiled images and videos, and the LLaVA-1.5 and NAAViT
+baselines."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from conftest import IMAGE_TOKEN, save_checkpoint, start_llm, stop_llm, tiny_mod
 from PIL import Image
 from vllm import SamplingParams
 
+from saisa.integrations.vllm.processing import SaisaPromptError
 from saisa.processing import SaisaProcessor
 
 MAX_TOKENS = 6
@@ -33,14 +35,20 @@ CASES = {
 }
 
 
-def request(prompt: str, images: list) -> dict:
-    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else {"prompt": prompt}
+def request(prompt: str, images: list, videos: list = ()) -> dict:
+    data = {"image": images} if images else {}
+    if videos:
+        data["video"] = list(videos)
+    return {"prompt": prompt, "multi_modal_data": data} if data else {"prompt": prompt}
 
 
-def reference(model, folder, prompt: str, images: list, length: int = 0) -> tuple[list[int], list[torch.Tensor]]:
+def reference(
+    model, folder, prompt: str, images: list, length: int = 0, videos: list = ()
+) -> tuple[list[int], list[torch.Tensor]]:
     """Our model's greedy tokens (exactly `length` if given: EOS masked until then) and, per position, its
     log-probabilities from the raw logits."""
-    inputs = SaisaProcessor.from_pretrained(folder)(text=prompt, images=images or None, return_tensors="pt")
+    processor = SaisaProcessor.from_pretrained(folder)
+    inputs = processor(text=prompt, images=images or None, videos=list(videos) or None, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
             **inputs,
@@ -54,8 +62,8 @@ def reference(model, folder, prompt: str, images: list, length: int = 0) -> tupl
     return tokens, [torch.log_softmax(logits[0].double(), -1) for logits in out.logits]
 
 
-def assert_same(model, folder, output, prompt: str, images: list, length: int = 0) -> None:
-    tokens, logprobs = reference(model, folder, prompt, images, length)
+def assert_same(model, folder, output, prompt: str, images: list, length: int = 0, videos: list = ()) -> None:
+    tokens, logprobs = reference(model, folder, prompt, images, length, videos)
     completion = output.outputs[0]
     assert list(completion.token_ids) == tokens
     worst = max(
@@ -106,6 +114,16 @@ def test_another_image_changes_the_answer(saisa_llama, plain_llm):
     a = [p[t].logprob for p, t in zip(first.outputs[0].logprobs, first.outputs[0].token_ids, strict=True)]
     b = [p[t].logprob for p, t in zip(second.outputs[0].logprobs, second.outputs[0].token_ids, strict=True)]
     assert first.outputs[0].token_ids != second.outputs[0].token_ids or max(np.abs(np.subtract(a, b))) > 1e-3
+
+
+def test_a_tokenizer_without_a_video_token_takes_no_video(plain_llm):
+    """Its `<video>` would be several ids, unmatched: vLLM refuses the video (a 400 from its server) before any
+    processing, and profiles no video at start-up."""
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="At most 0 video"):
+        plain_llm.generate(request("user: <video> what ?\nassistant:", [], [video(3, 1)]), greedy())
+    assert plain_llm.generate(request(*CASES["one image"]), greedy())[0].outputs[0].token_ids
 
 
 def test_a_prompt_ending_with_an_image_is_refused(plain_llm):
@@ -183,6 +201,61 @@ def test_other_backbones_encoders_and_the_llava_baseline_match(tmp_path, archite
         stop_llm(llm)
 
 
+def video(frames: int, seed: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 frames, not square."""
+    return np.random.default_rng(seed).integers(0, 255, (frames, 12, 20, 3), dtype=np.uint8)
+
+
+# a wide image (1 + 3 views), a square one (1 + 4), a video of 11 frames (8 kept), together and apart
+VIEWS = {
+    "tiled image": ("user: <image> what is this ?\nassistant:", [image(4, (40, 16))], []),
+    "video": ("user: what is <video> this ?\nassistant:", [], [video(11, 5)]),
+    "video and tiled images": (
+        "user: <video> what <image> is <image> this ?\nassistant:",
+        [image(6, (32, 32)), image(7, (40, 16))],
+        [video(3, 8)],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "architecture, settings",
+    [
+        ("saisa", {}),
+        # 8-token chunks: an item's views x v placeholders split across steps; 32-token blocks to the prefix cache
+        ("saisa", dict(max_num_batched_tokens=8, enable_prefix_caching=True, block_size=32, max_num_seqs=1)),
+        ("llava", {}),
+        ("naavit", dict(enable_chunked_prefill=False, enable_prefix_caching=False)),
+    ],
+)
+def test_tiled_images_and_videos_match_our_model(tmp_path, architecture, settings):
+    """Each image is its base view and tiles, each video its sampled frames, views x v positions in vLLM as in our
+    model. The tokenizer has `<video>` as one token (LLaVA-NeXT-Video's and OneVision's do)."""
+    from saisa.processing.views import anyres_grid_pinpoints
+
+    model = tiny_model(architecture, "llama", "clip")
+    size = model.vision_tower.preprocessing.image_size
+    folder = save_checkpoint(model, tmp_path, image_grid_pinpoints=anyres_grid_pinpoints(size, 4))
+    processor = SaisaProcessor.from_pretrained(folder)
+    processor.tokenizer.add_tokens([processor.video_token], special_tokens=True)
+    processor.save_pretrained(folder)
+    llm = start_llm(folder, **settings)
+    try:
+        outputs = llm.generate([request(*case) for case in VIEWS.values()], greedy())  # one batch
+        for output, (prompt, images, videos) in zip(outputs, VIEWS.values(), strict=True):
+            assert_same(model, folder, output, prompt, images, videos=videos)
+            expected = processor(text=prompt, images=images or None, videos=videos or None)["input_ids"][0]
+            views = expected.count(processor.image_token_id)
+            assert output.prompt_token_ids.count(processor.image_token_id) == views * model.tokens_per_image
+        assert outputs[1].prompt_token_ids.count(processor.image_token_id) == 8 * model.tokens_per_image  # of 11
+        with pytest.raises(SaisaPromptError, match="1 <video> placeholder"):
+            llm.generate(request("user: <video> what ?\nassistant:", [], []), greedy())
+        with pytest.raises(SaisaPromptError, match="0 <video> placeholder"):
+            llm.generate(request("user: what ?\nassistant:", [], [video(3, 1)]), greedy())
+    finally:
+        stop_llm(llm)
+
+
 # prompts with 0-3 images: at the start, back to back, between text
 CROWD = [
     ("<image> what is this ?\nassistant:", 1),
@@ -232,6 +305,30 @@ def test_naavit_with_chunked_prefill_or_prefix_caching_is_refused_at_load(tmp_pa
             stop_llm(start_llm(folder))  # vLLM's defaults: both on
     finally:
         cleanup_dist_env_and_memory()  # the half-started engine's process groups
+
+
+def test_a_checkpoint_with_visual_pruning_is_refused_unless_overridden(tmp_path):
+    """vLLM cannot prune (docs/views.md): serving such a checkpoint unpruned without a word would be a different
+    model; overridden off, it is the same model as ours unpruned."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    from saisa.model.pruning import VisualPruning
+
+    model = tiny_model("saisa")
+    model.config.set_visual_pruning(VisualPruning(0.5))
+    folder = save_checkpoint(model, tmp_path)
+    try:
+        with pytest.raises(Exception, match="cannot apply"):  # vLLM may wrap the model's ValueError
+            stop_llm(start_llm(folder))
+    finally:
+        cleanup_dist_env_and_memory()
+    llm = start_llm(folder, hf_overrides={"visual_pruning": None})
+    try:
+        prompt, images = CASES["one image"]
+        model.config.set_visual_pruning(None)
+        assert_same(model, folder, llm.generate(request(prompt, images), greedy())[0], prompt, images)
+    finally:
+        stop_llm(llm)
 
 
 def _vllm_config(scheduler: dict | None = None, kv_transfer_config=None) -> SimpleNamespace:

@@ -1,3 +1,4 @@
+from saisa.evaluation.formats import FORMATS, QuestionFormat, format_of, register_format
 from saisa.evaluation.metrics import (
     exact_match,
     extract_choice,
@@ -9,14 +10,18 @@ from saisa.evaluation.metrics import (
 from saisa.evaluation.runner import evaluate, generate_answers, load_questions, read_questions
 
 __all__ = [
+    "FORMATS",
+    "QuestionFormat",
     "evaluate",
     "exact_match",
     "extract_choice",
+    "format_of",
     "generate_answers",
     "load_questions",
     "normalize_answer",
     "pope_metrics",
     "read_questions",
+    "register_format",
     "vqa_accuracy",
     "yes_no",
 ]

@@ -1,11 +1,8 @@
 """Batched evaluation of a model on a LLaVA-style question JSONL with an image folder.
 
 One question per line (UTF-8, lines end at '\n' only, a leading BOM accepted), with `question_id`, `image` (optional:
-a file name inside the image folder) and, by kind:
-- short answer: `text` + `answer`: one accepted answer (a string, exact match) or the annotators' answers (a list of
-  at least 2, the official VQA accuracy);
-- multiple choice: `question` (or `text`) + `options` ({"A": ..} or a list of at most 26) + `answer` (a letter);
-- yes/no (POPE): `text` + `label` ("yes" / "no"), answers parsed and scored as the official POPE script does.
+a file name inside the image folder) and the fields of its format (`saisa.evaluation.formats`: short answer, multiple
+choice, yes/no, and any registered with `register_format`), which also says how it is asked and scored.
 Every row is scored on its own (question ids may be missing or repeated). A row that cannot be read or asked (invalid
 UTF-8 or JSON, not a JSON object, a missing or mistyped field, an empty image name, an image path leaving the image
 folder, the image placeholder in its text, a prompt longer than the model) is reported with its file:line and reason
@@ -19,19 +16,16 @@ import codecs
 import json
 import logging
 import os
-import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from saisa.evaluation.metrics import exact_match, extract_choice, pope_metrics, vqa_accuracy, yes_no
-from saisa.generation import answer_batch, user_prompt
-from saisa.processing import load_image
+from saisa.evaluation.formats import FORMATS, format_of
+from saisa.inference.generation import answer_batch, user_prompt
+from saisa.processing import open_image
 
-MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
-KINDS = ("short", "multiple_choice", "yes_no")
 logger = logging.getLogger(__name__)
 
 
@@ -95,10 +89,6 @@ def load_questions(path: str | Path, *, allow_external_images: bool = False) -> 
     return [question.row for question in read_questions(path, allow_external_images=allow_external_images)[0]]
 
 
-def _is_text(value) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
 def image_problem(image, *, allow_external_images: bool = False) -> str | None:
     """Why a row's `image` cannot name its image, or None. Absent or null: a text-only question. Judged on the name
     alone (no file system access), so a folder's own symlinks stay usable."""
@@ -124,70 +114,12 @@ def row_problem(row, *, allow_external_images: bool = False) -> str | None:
     problem = image_problem(row.get("image"), allow_external_images=allow_external_images)
     if problem:
         return problem
-    kind = question_kind(row)
-    if kind == "multiple_choice":
-        options = row["options"]
-        texts = list(options.values()) if isinstance(options, dict) else options
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            return "options must be a non-empty list or object of strings"
-        if isinstance(options, list) and len(options) > len(string.ascii_uppercase):
-            return f"{len(options)} options in a list, but only 26 can be lettered A-Z"
-        if not _is_text(row.get("question", row.get("text"))):
-            return "a multiple-choice row needs a string question (or text)"
-        if row.get("answer") not in _options(row):
-            return f"answer must be one of the option letters {sorted(_options(row))}, got {row.get('answer')!r}"
-        return None
-    if not _is_text(row.get("text")):
-        return "text (the question) is missing or not a string"
-    if kind == "yes_no":
-        return None
-    if "label" in row:
-        return f"label must be 'yes' or 'no', got {row['label']!r}"
-    answer = row.get("answer")
-    if isinstance(answer, list):
-        if not all(_is_text(a) for a in answer):
-            return "answer: every listed answer must be a non-empty string"
-        if len(answer) < 2:
-            # VQA accuracy counts the *other* annotators who agree: with one answer there are none, and it is always 0
-            return "answer: a list needs 2 or more annotators' answers (one accepted answer is given as a string)"
-        return None
-    if not _is_text(answer):
-        return f"answer must be a string or a list of strings, got {type(answer).__name__}"
-    return None
-
-
-def question_kind(row: dict) -> str:
-    if "options" in row:
-        return "multiple_choice"
-    if isinstance(row.get("label"), str) and row["label"].lower() in ("yes", "no"):
-        return "yes_no"
-    return "short"
-
-
-def _options(row: dict) -> dict[str, str]:
-    options = row["options"]
-    return dict(zip(string.ascii_uppercase, options, strict=False)) if isinstance(options, list) else dict(options)
-
-
-def prompt_text(row: dict) -> str:
-    if question_kind(row) == "multiple_choice":
-        lines = [row.get("question", row.get("text", ""))] + [f"{k}. {v}" for k, v in _options(row).items()]
-        return "\n".join(lines + [MC_INSTRUCTION])
-    return row["text"]
+    return format_of(row).problem(row)
 
 
 def score(row: dict, prediction: str) -> dict:
     """What the record of one answered row holds: its verdict and what it was judged against."""
-    kind = question_kind(row)
-    if kind == "multiple_choice":
-        choice = extract_choice(prediction, _options(row))
-        return {"extracted": choice, "correct": float(choice == row["answer"])}
-    if kind == "yes_no":
-        said, label = yes_no(prediction), row["label"].lower()
-        return {"extracted": said, "label": label, "correct": float(said == label)}
-    if isinstance(row["answer"], list):
-        return {"metric": "vqa_accuracy", "correct": vqa_accuracy(prediction, row["answer"])}
-    return {"metric": "exact_match", "correct": exact_match(prediction, row["answer"])}
+    return format_of(row).score(row, prediction)
 
 
 def _batches(items: list, size: int) -> Iterator[list]:
@@ -197,7 +129,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 def _prompt_problem(model, processor, row: dict, n_images: int, max_new_tokens: int) -> str | None:
     """A question whose text holds the image placeholder, or whose prompt cannot fit the model, cannot be asked."""
-    text = prompt_text(row)
+    text = format_of(row).prompt(row)
     if processor.image_token in text:
         return f"the question holds {processor.image_token!r}, the model's image placeholder"
     limit = getattr(model.config.text_config, "max_position_embeddings", None)
@@ -234,7 +166,7 @@ def generate_answers(
             continue
         if uses_image:
             try:
-                image = load_image(folder / row["image"])
+                image = open_image(folder / row["image"])
             except (FileNotFoundError, ValueError) as error:
                 records.append(_record(question, error=f"image: {error}"))
                 continue
@@ -250,7 +182,7 @@ def _answer(model, processor, batch: list, max_new_tokens: int) -> list[dict]:
         texts = answer_batch(
             model,
             processor,
-            [prompt_text(question.row) for question, _ in batch],
+            [format_of(question.row).prompt(question.row) for question, _ in batch],
             [[image] if image is not None else [] for _, image in batch],
             max_new_tokens=max_new_tokens,
         )
@@ -269,7 +201,7 @@ def _record(question: Question, *, prediction: str | None = None, error: str | N
     record = {
         "question_id": question.row.get("question_id"),
         "where": question.where,
-        "kind": question_kind(question.row),
+        "kind": format_of(question.row).name,
         "prediction": prediction,
         "correct": 0.0,
         **verdict,
@@ -280,7 +212,7 @@ def _record(question: Question, *, prediction: str | None = None, error: str | N
 
 
 def summarize(records: list[dict], skipped: list[Skipped]) -> dict:
-    """Metrics from the records alone: each carries its own verdict (and, for yes/no, its label)."""
+    """Metrics from the records alone: each carries its own verdict (and what its format's summary reads)."""
     answered = [r for r in records if "error" not in r]
     metrics = {
         "questions": len(records) + len(skipped),
@@ -291,9 +223,10 @@ def summarize(records: list[dict], skipped: list[Skipped]) -> dict:
         "failed": sum(r.get("error", "").startswith("generation:") for r in records),
         "accuracy": sum(r["correct"] for r in answered) / len(answered) if answered else 0.0,
     }
-    pope = [r for r in answered if r["kind"] == "yes_no"]
-    if pope:
-        metrics["pope"] = pope_metrics([r["extracted"] for r in pope], [r["label"] for r in pope])
+    for name, question_format in FORMATS.items():
+        own = [r for r in answered if r["kind"] == name]
+        if own:
+            metrics.update(question_format.summary(own))
     return metrics
 
 

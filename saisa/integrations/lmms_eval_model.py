@@ -16,8 +16,8 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from tqdm.auto import tqdm
 
-from saisa.evaluation.scoring import continuation_loglikelihood
-from saisa.generation import answer_batch, answer_prompts
+from saisa.inference.generation import answer_batch, answer_prompts
+from saisa.inference.scoring import continuation_loglikelihood
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,14 @@ def parse_batch_size(batch_size: int | str, max_batch_size: int | None) -> tuple
     return size, False
 
 
-def _stop(gen_kwargs: dict) -> list[str]:
+def _settings(gen_kwargs: dict) -> dict:
+    """A task's generation arguments as `answer_batch` / `answer_prompts` take them (`until`: the stop strings)."""
     until = gen_kwargs.get("until", [])
-    return [until] if isinstance(until, str) else list(until)
+    return {
+        "max_new_tokens": int(gen_kwargs.get("max_new_tokens", 32)),
+        "stop": [until] if isinstance(until, str) else list(until),
+        "temperature": float(gen_kwargs.get("temperature", 0.0)),
+    }
 
 
 class SaisaLMM(lmms):
@@ -65,7 +70,7 @@ class SaisaLMM(lmms):
         **kwargs,
     ) -> None:
         super().__init__()
-        from saisa.loading import load_pretrained
+        from saisa.checkpoints.loading import load_pretrained
 
         self.model, self.processor = load_pretrained(pretrained, device=device, dtype=dtype)
         self.batch_size_per_gpu, self.auto_batch_size = parse_batch_size(batch_size, max_batch_size)
@@ -98,15 +103,7 @@ class SaisaLMM(lmms):
                 context, _, doc_to_visual, doc_id, task, split = request.args
                 texts.append(context)
                 images.append(_visuals(doc_to_visual, self.task_dict[task][split][doc_id]))
-            answers = answer_batch(
-                self.model,
-                self.processor,
-                texts,
-                images,
-                max_new_tokens=int(gen_kwargs.get("max_new_tokens", 32)),
-                stop=_stop(gen_kwargs),
-                temperature=float(gen_kwargs.get("temperature", 0.0)),
-            )
+            answers = answer_batch(self.model, self.processor, texts, images, **_settings(gen_kwargs))
             return [a.strip() for a in answers]
 
         return self._batched(requests, run, "saisa generate_until")
@@ -138,14 +135,14 @@ class SaisaChatLMM(SaisaLMM):
     def _prompt(self, messages) -> tuple[str, list]:
         from lmms_eval.protocol import ChatMessages
 
-        from saisa.processing import _content_image
+        from saisa.processing.images import content_image
 
         hf_messages = ChatMessages(messages=messages).to_hf_messages()
         images = []
         for message in hf_messages:
             for item in message["content"]:
                 if item["type"] == "image":
-                    images.append(_content_image(item, len(images)))
+                    images.append(content_image(item, len(images)))
                 elif item["type"] != "text":
                     raise ValueError(f"saisa models read text and images; this request holds {item['type']!r} content")
         prompt = self.processor.apply_chat_template(hf_messages, add_generation_prompt=True)
@@ -159,15 +156,7 @@ class SaisaChatLMM(SaisaLMM):
                 prompt, row_images = self._prompt(doc_to_messages(self.task_dict[task][split][doc_id]))
                 prompts.append(prompt)
                 images.append(row_images)
-            answers = answer_prompts(
-                self.model,
-                self.processor,
-                prompts,
-                images,
-                max_new_tokens=int(gen_kwargs.get("max_new_tokens", 32)),
-                stop=_stop(gen_kwargs),
-                temperature=float(gen_kwargs.get("temperature", 0.0)),
-            )
+            answers = answer_prompts(self.model, self.processor, prompts, images, **_settings(gen_kwargs))
             return [a.strip() for a in answers]
 
         return self._batched(requests, run, "saisa chat generate_until")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from saisa.compat import CACHE_KWARG, output_cache
-from saisa.generation import generate_kwargs
+from saisa.inference.generation import generate_kwargs
 
 
 class ChatSession:
@@ -14,6 +14,7 @@ class ChatSession:
         self.model, self.processor, self.max_new_tokens = model, processor, max_new_tokens
         self.messages: list[dict] = []
         self.images: list = []
+        self.views = 0  # rows of pixel_values the cache holds (an image is one, or with tiling its base view and tiles)
         self.ids: torch.Tensor | None = None  # every token the cache holds, (1, T)
         self.cache = None
         self.last_new_tokens = 0  # prompt tokens the last turn actually computed (for tests and curiosity)
@@ -34,7 +35,7 @@ class ChatSession:
             and torch.equal(ids[:, : self.ids.shape[1]], self.ids)
         )
         if reuse:
-            new_images = full["pixel_values"][len(self.images) :] if images else None
+            new_images = full["pixel_values"][self.views :] if images else None
             kwargs = {CACHE_KWARG: self.cache, "pixel_values": new_images}
             self.last_new_tokens = ids.shape[1] - self.ids.shape[1]
         else:  # first turn, or the template re-rendered earlier turns differently: start over
@@ -53,6 +54,7 @@ class ChatSession:
             )
         self.ids, self.cache = out.sequences, output_cache(out)
         self.images += images
+        self.views = len(full["pixel_values"]) if self.images else 0
         answer = self.processor.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True).strip()
         self.messages += [turn, {"role": "assistant", "content": answer}]
         return answer

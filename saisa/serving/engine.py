@@ -1,10 +1,11 @@
 """A generation engine shared by concurrent requests, with iteration-level scheduling: one worker thread owns the
 model and, at every step, admits the requests that have arrived as a new group (one left-padded prefill), then
-advances every running group by one token (`saisa.generation.StepDecoder`). A row leaves its group the moment it is
-done (end of sequence, a stop string, its own `max_tokens`, its deadline, or its client gone), so a short request
+advances every running group by one token (`saisa.inference.decoding.StepDecoder`). A row leaves its group the moment
+it is done (end of sequence, a stop string, its own `max_tokens`, its deadline, or its client gone), so a short request
 never waits for a long one it shares a group with or arrived after.
 
-Each request chooses its own tokens (temperature, top-p, its own seeded generator), so requests with different
+Each request chooses its own tokens (`saisa.inference.sampling.Sampler`: temperature, top-p, its own seeded
+generator) and ends by the rule `generate` ends by (`saisa.inference.stopping`), so requests with different
 settings share a group and a seeded request draws the same tokens batched or alone. A group whose prefill fails is
 retried one request at a time: one request's bad input fails that request only.
 
@@ -24,7 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from saisa.generation import StepDecoder, TokenChooser, stop_token_ids, token_logprobs
+from saisa.inference.decoding import StepDecoder, token_logprobs
+from saisa.inference.sampling import Sampler
+from saisa.inference.stopping import stop_at, stop_token_ids, streamable
 from saisa.serving.tokens import TokenBytes
 
 logger = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ class Job:
     cancelled: bool = False  # set by the server when the client has gone; the worker then drops the job
 
     def __post_init__(self):
-        self.chooser = TokenChooser(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+        self.sampler = Sampler(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -328,7 +331,7 @@ class GenerationEngine:
             if self._ended(job):
                 continue
             try:
-                token = job.chooser(logits[row])
+                token = job.sampler(logits[row])
                 if token in self.eos_ids:
                     self._finish(job, "stop")
                     continue
@@ -374,20 +377,12 @@ class GenerationEngine:
     def _update_text(self, job: Job) -> bool:
         """Decode the answer so far, stream what is safe to send; True once it holds a stop string."""
         text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        hits = [text.index(marker) for marker in job.stop if marker in text]
-        if hits:
-            job.text = text[: min(hits)]
+        at = stop_at(text, job.stop)
+        if at is not None:
+            job.text = text[:at]
             return True
         job.text = text
-        safe = text
-        if safe.endswith("\ufffd"):  # hold back a half multi-byte character
-            safe = safe.rstrip("\ufffd")
-        for marker in job.stop:  # hold back what may be the start of a stop string
-            for size in range(min(len(marker) - 1, len(safe)), 0, -1):
-                if safe.endswith(marker[:size]):
-                    safe = safe[:-size]
-                    break
-        self._emit(job, safe)
+        self._emit(job, streamable(text, job.stop))
         return False
 
     def _emit(self, job: Job, text: str) -> None:

@@ -54,7 +54,7 @@ class GuardedH11Protocol(H11Protocol):
             stale = [c for c, since in waiting.items() if since is not None and now - since > limit]
             if stale:
                 self.refusals.warn(f"closing the longest-waiting of {len(stale)} connections yet to send a request")
-                min(stale, key=waiting.get).transport.close()
+                min(stale, key=waiting.get)._close()
             else:
                 self.refusals.warn(f"refusing a connection: {self.max_connections} are open (--max-connections)")
                 self._refused = True
@@ -102,6 +102,12 @@ class GuardedH11Protocol(H11Protocol):
         if cycle_then is not None and not cycle_then.response_complete:
             return  # a request is being answered: its own deadline applies
         self.timeouts.warn(f"closing a connection whose request headers took over {self.header_timeout_s:g} s")
+        self._close()
+
+    def _close(self) -> None:
+        # uncounted at once: uvicorn's concurrency limit counts a closed connection until `connection_lost`, a loop
+        # iteration later, and would answer 503 to a request on the connection that took its place
+        self.connections.discard(self)
         self.transport.close()
 
 
@@ -123,3 +129,25 @@ def uvicorn_config(app, *, host: str, port: int, limits: ServerLimits, log_level
         limit_concurrency=limits.max_connections + 1,  # past the connection cap above: 503s, not closed sockets
         log_level=log_level,
     )
+
+
+def run_server(app, *, host: str, port: int, limits: ServerLimits) -> None:
+    """Serve `app` until interrupted, with file descriptors for every connection `limits` allows."""
+    import uvicorn
+
+    _enough_descriptors(limits.max_connections)
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, limits=limits)).run()
+
+
+def _enough_descriptors(connections: int) -> None:
+    """Descriptors for every allowed connection and the model's files: a failed accept() floods asyncio's log."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = connections + 256
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise SystemExit(f"max_connections {connections} needs {needed} file descriptors; the limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))

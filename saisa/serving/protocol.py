@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from saisa.processing import ImageRefused, open_image
@@ -145,7 +147,9 @@ class ServerLimits:
 
     max_body_bytes: int = 32 * 2**20
     max_image_bytes: int = 10 * 2**20
-    max_images: int = 8
+    max_images: int = 8  # image_url and video parts per request
+    max_video_frames: int = 64  # frames one video part may list (the processor keeps `num_frames` of them)
+    max_views: int = 64  # encoder inputs per request: each image's views (base + tiles) and each video's kept frames
     max_image_pixels: int = 4096 * 4096  # from the image header, before decoding
     max_request_pixels: int = 2 * 4096 * 4096  # all of a request's images, from their headers
     max_inflight_pixels: int = 4 * 4096 * 4096  # decoded at once across requests; more wait for their turn
@@ -216,33 +220,78 @@ def read_image(source: bytes | Path, limits: ServerLimits, where: str, *, header
         raise RequestError(400, str(error), param=where, code=code) from None
 
 
-def image_pixels(source: bytes | Path, limits: ServerLimits, where: str) -> int:
-    """width x height from the image's header (PIL's lazy open: no pixel is decoded); the per-image limits are
+def image_size(source: bytes | Path, limits: ServerLimits, where: str) -> tuple[int, int]:
+    """(width, height) from the image's header (PIL's lazy open: no pixel is decoded); the per-image limits are
     checked there too."""
-    width, height = read_image(source, limits, where, header_only=True)
-    return width * height
+    return read_image(source, limits, where, header_only=True)
+
+
+def lazy_image(source: bytes | Path) -> Image.Image:
+    """An image whose header alone is read (already checked by `image_size`); its pixels are decoded when first
+    used, so a video's frames that sampling skips are never decoded."""
+    return Image.open(io.BytesIO(source if isinstance(source, bytes) else source.read_bytes()))
+
+
+@dataclass(frozen=True)
+class MediaPart:
+    """An image_url part (`urls` holds its one URL) or a video part (its frames' URLs), `where` it is in the request."""
+
+    kind: str  # "image" | "video"
+    urls: tuple[str, ...]
+    where: str
+
+
+def _video_frames(part: dict, limits: ServerLimits, where: str) -> tuple[str, ...]:
+    """A video part's frame URLs, their count checked before any is read."""
+    frames = part.get("video")
+    if not isinstance(frames, list):
+        raise RequestError(
+            400,
+            f"{where}: a video part needs 'video': a list of frames, each an image URL (base64 data URLs); video "
+            "files are not decoded",
+            param=where,
+            code="invalid_video",
+        )
+    if not frames:
+        raise RequestError(400, f"{where}: the video has no frames", param=where, code="invalid_video")
+    if len(frames) > limits.max_video_frames:
+        raise RequestError(
+            400,
+            f"{where}: {len(frames)} frames exceed this server's limit of {limits.max_video_frames} per video",
+            param=where,
+            code="too_many_frames",
+        )
+    for f, frame in enumerate(frames):
+        if not isinstance(frame, str):
+            raise RequestError(
+                400, f"{where}.video[{f}]: a frame must be an image URL string", param=where, code="invalid_video"
+            )
+    return tuple(frames)
 
 
 def to_messages(
     request: ChatCompletionRequest, processor, limits: ServerLimits
-) -> tuple[list[dict], list[str], list[tuple[str, str]]]:
-    """The messages for the model's chat template (image parts as `{"type": "image"}`), every client text in order
-    of appearance, and the images' (url, where), to read once the prompt is known to fit. Every text part and the
-    image count are checked here, before anything is tokenised or decoded."""
-    messages, texts, images = [], [], []
+) -> tuple[list[dict], list[str], list[MediaPart]]:
+    """The messages for the model's chat template (image parts as `{"type": "image"}`, video parts as
+    `{"type": "video"}`), every client text in order of appearance, and the images and videos in order of appearance,
+    to read once the prompt is known to fit. Every text part, the image and video count and each video's frame count
+    are checked here, before anything is tokenised or decoded."""
+    messages, texts, media = [], [], []
 
     def text_of(value: Any, where: str) -> str:
         if not isinstance(value, str):
             raise RequestError(400, f"{where}: a text part needs a string 'text'", param=where)
         texts.append(value)
-        if processor.image_token in value:  # it would pair with another request's image, or with none
-            raise RequestError(
-                400,
-                f"{where}: the text holds {processor.image_token!r}, this model's image placeholder; send images "
-                "as image_url parts",
-                param=where,
-                code="image_placeholder_in_text",
-            )
+        for token, kind in ((processor.image_token, "image"), (processor.video_token, "video")):
+            if token in value:  # it would pair with another request's image or video, or with none
+                parts = "image_url" if kind == "image" else "video"
+                raise RequestError(
+                    400,
+                    f"{where}: the text holds {token!r}, this model's {kind} placeholder; send {kind}s as {parts} "
+                    "parts",
+                    param=where,
+                    code="image_placeholder_in_text",
+                )
         return value
 
     for m, message in enumerate(request.messages):
@@ -260,13 +309,28 @@ def to_messages(
                 url = url.get("url") if isinstance(url, dict) else url
                 if not isinstance(url, str):
                     raise RequestError(400, f"{where}: an image_url part needs image_url.url", param=where)
-                images.append((url, where))
+                media.append(MediaPart("image", (url,), where))
                 parts.append({"type": "image"})
+            elif kind == "video":
+                media.append(MediaPart("video", _video_frames(part, limits, where), where))
+                parts.append({"type": "video"})
+            elif kind == "video_url":
+                raise RequestError(
+                    400,
+                    f"{where}: video_url parts (video files) are not decoded by this server; send the frames: "
+                    "{'type': 'video', 'video': ['data:image/png;base64,...', ...]}",
+                    param=where,
+                    code="unsupported_content",
+                )
             else:
-                raise RequestError(400, f"{where}: unsupported content type {kind!r} (text, image_url)", param=where)
+                raise RequestError(
+                    400, f"{where}: unsupported content type {kind!r} (text, image_url, video)", param=where
+                )
         messages.append({"role": message.role, "content": parts})
-    if len(images) > limits.max_images:
+    if len(media) > limits.max_images:
         raise RequestError(
-            400, f"{len(images)} images exceed this server's limit of {limits.max_images}", param="messages"
+            400,
+            f"{len(media)} images exceed this server's limit of {limits.max_images} (a video counts as one)",
+            param="messages",
         )
-    return messages, texts, images
+    return messages, texts, media

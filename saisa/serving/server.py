@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
@@ -25,15 +26,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from saisa.generation import NonFiniteLogits
+from saisa.inference.sampling import NonFiniteLogits
+from saisa.processing.views import NUM_FRAMES, anyres_grid_pinpoints, frame_indices, repeat_placeholders
 from saisa.serving.engine import EngineDead, GenerationEngine, Job, JobTimeout, QueueFull
 from saisa.serving.protocol import (
     ChatCompletionRequest,
+    MediaPart,
     RequestError,
     ServerLimits,
     check_request,
-    image_pixels,
+    image_size,
     image_source,
+    lazy_image,
     read_image,
     to_messages,
 )
@@ -57,10 +61,20 @@ def create_app(
     api_key: str | None = None,
     limits: ServerLimits | None = None,
     max_batch_size: int = 8,
+    max_tiles: int | None = None,
+    visual_pruning: dict | None = None,
 ) -> FastAPI:
     """api_key: when set, every route needs `Authorization: Bearer KEY` (the docs and the OpenAPI schema too), except
-    `/health`, left open for probes: it reports health and load counters, nothing of any request's content."""
+    `/health`, left open for probes: it reports health and load counters, nothing of any request's content.
+    max_tiles: tile images AnyRes-style on every grid of 2 to max_tiles encoder-sized tiles
+    (`saisa.processing.views.anyres_grid_pinpoints`), replacing `processor`'s own `image_grid_pinpoints`.
+    visual_pruning: `saisa.model.pruning.VisualPruning`'s fields (`{"keep_ratio": 0.25}`), replacing the model's own
+    `config.visual_pruning`; checked against the model before anything is served."""
     limits = limits or ServerLimits()
+    if visual_pruning is not None:
+        model.config.set_visual_pruning(visual_pruning)
+    if max_tiles is not None:
+        processor.image_grid_pinpoints = anyres_grid_pinpoints(processor.preprocessing.image_size, max_tiles)
     engine = GenerationEngine(
         model,
         processor,
@@ -261,7 +275,7 @@ class _Preparer:
             raise RequestError(
                 400, f"max_tokens {max_tokens} exceeds this server's limit of {limits.max_tokens}", param="max_tokens"
             )
-        messages, texts, images = to_messages(chat, self.processor, limits)
+        messages, texts, media = to_messages(chat, self.processor, limits)
         chars = sum(len(text) for text in texts)
         if self.max_chars and chars > self.max_chars:
             raise RequestError(
@@ -272,8 +286,23 @@ class _Preparer:
                 code="context_length_exceeded",
             )
         _check_deadline(deadline, self.limits)
-        ids = self.tokenizer.encode(messages, texts)
-        positions = len(ids) + len(images) * (self.tokens_per_image - 1)  # each image takes v positions
+        ids, kinds = self.tokenizer.encode(messages, texts)
+        media = self._in_prompt_order(media, kinds)
+        _check_deadline(deadline, self.limits)
+        # every image and frame: its bytes checked and its header read, nothing decoded
+        sources = [[(image_source(url, limits, where), where) for url, where in _frames(part)] for part in media]
+        sizes = [[image_size(source, limits, where) for source, where in item] for item in sources]
+        views = [self._views(part, item) for part, item in zip(media, sizes, strict=True)]
+        if sum(views) > limits.max_views:
+            raise RequestError(
+                400,
+                f"the request's images and videos make {sum(views)} views (an image's base view and tiles, a "
+                f"video's kept frames), more than this server's limit of {limits.max_views}",
+                param="messages",
+                code="too_many_views",
+            )
+        (ids,) = repeat_placeholders(ids, self.processor.image_token_id, views)
+        positions = len(ids) + sum(views) * (self.tokens_per_image - 1)  # each view takes v positions
         if self.max_positions and positions + max_tokens > self.max_positions:
             raise RequestError(
                 400,
@@ -282,9 +311,11 @@ class _Preparer:
                 param="messages",
                 code="context_length_exceeded",
             )
-        _check_deadline(deadline, self.limits)
-        sources = [(image_source(url, limits, where), where) for url, where in images]
-        pixels = sum(image_pixels(source, limits, where) for source, where in sources)
+        # pixels decoded: an image's, a video's kept frames' (bounded by its largest frame's)
+        pixels = sum(
+            max(w * h for w, h in item) * (count if part.kind == "video" else 1)
+            for part, item, count in zip(media, sizes, views, strict=True)
+        )
         if pixels > limits.max_request_pixels:
             raise RequestError(
                 400,
@@ -293,14 +324,15 @@ class _Preparer:
                 param="messages",
                 code="image_too_large",
             )
+        _check_deadline(deadline, self.limits)
         pixel_values = None
-        if sources:
+        if media:
             self.pixels.acquire(pixels, deadline)
             try:
                 decoded = []
-                for source, where in sources:
+                for part, item, count in zip(media, sources, views, strict=True):
                     _check_deadline(deadline, self.limits)
-                    decoded.append(read_image(source, limits, where))
+                    decoded += self._decode(part, item, count)
                 pixel_values = self.processor.preprocess_images(decoded)
                 del decoded
             finally:
@@ -317,6 +349,51 @@ class _Preparer:
             prompt_tokens=positions,
         )
         return chat, job
+
+    def _in_prompt_order(self, media: list[MediaPart], kinds: list[str]) -> list[MediaPart]:
+        """The images and videos in the order the template rendered their placeholders (each kind in its own order,
+        as `SaisaProcessor` pairs them)."""
+        queues = {kind: iter([part for part in media if part.kind == kind]) for kind in ("image", "video")}
+        for kind in ("image", "video"):
+            given, rendered = sum(part.kind == kind for part in media), kinds.count(kind)
+            if given != rendered:
+                raise RequestError(
+                    400,
+                    f"this model's chat template rendered {rendered} {kind} placeholder(s) for the request's {given} "
+                    f"{kind}(s)",
+                    param="messages",
+                    code="unsupported_content",
+                )
+        return [next(queues[kind]) for kind in kinds]
+
+    def _views(self, part: MediaPart, sizes: list[tuple[int, int]]) -> int:
+        """How many encoder inputs an image (its base view and tiles) or a video (its kept frames) becomes."""
+        if part.kind == "image":
+            return self.processor.num_views(sizes[0])
+        return len(frame_indices(len(sizes), NUM_FRAMES))
+
+    def _decode(self, part: MediaPart, sources: list[tuple[bytes | Path, str]], count: int) -> list:
+        """The views of one image or video, decoded (a video's skipped frames never are)."""
+        if part.kind == "image":
+            ((source, where),) = sources
+            views = self.processor.views(read_image(source, self.limits, where))
+        else:
+            try:
+                views = self.processor.views([lazy_image(source) for source, _ in sources], "video", NUM_FRAMES)
+            except (OSError, SyntaxError, EOFError, ValueError) as error:  # PIL's decoders raise these on broken files
+                raise RequestError(
+                    400, f"{part.where}: cannot decode a frame: {error}", param=part.where, code="invalid_image"
+                ) from None
+        if len(views) != count:
+            raise RuntimeError(f"{part.where}: {len(views)} views where {count} were counted from the headers")
+        return views
+
+
+def _frames(part: MediaPart) -> list[tuple[str, str]]:
+    """(url, where) of an image's one URL or of each of a video's frames."""
+    if part.kind == "image":
+        return [(part.urls[0], part.where)]
+    return [(url, f"{part.where}.video[{f}]") for f, url in enumerate(part.urls)]
 
 
 def _check_deadline(deadline: float, limits: ServerLimits) -> None:

@@ -6,7 +6,10 @@ replaced by a random sentinel, so every special token left in the rendering is t
 those, each piece between them (template text and client text together, as a tokenizer's added-token split would cut
 it) is encoded with special-token matching off, and the template's special tokens are put back as their ids. For a
 prompt whose client text holds no special-token text the result is the tokenizer's ordinary encoding, which is then
-used directly."""
+used directly.
+
+Each image and video the template renders becomes one `<image>` id (the server expands it to the item's views, as
+`SaisaProcessor` expands `<image>` and `<video>` in text), and the kinds are returned in the prompt's order."""
 
 from __future__ import annotations
 
@@ -89,33 +92,46 @@ class PromptTokenizer:
         )
         self.special_ids = {text: tokenizer.convert_tokens_to_ids(text) for text in self.specials}
         self.pattern = re.compile("|".join(map(re.escape, self.specials))) if self.specials else None
+        self.image_token, self.video_token = processor.image_token, processor.video_token
+        self.placeholders = re.compile(f"{re.escape(self.image_token)}|{re.escape(self.video_token)}")
         self.longest_token = max(1, max((len(piece) for piece in tokenizer.get_vocab()), default=1))
 
     def _encode(self, encoder, text: str) -> list[int]:
         # encode_batch releases the GIL while it works: the event loop goes on meanwhile
         return encoder.encode_batch([text], add_special_tokens=False)[0].ids
 
-    def encode(self, messages: list[dict], texts: list[str]) -> list[int]:
+    def encode(self, messages: list[dict], texts: list[str]) -> tuple[list[int], list[str]]:
         """messages: the chat, each client text (`texts`, in order of appearance) given as `{"type": "text"}` parts
-        or string contents; returns the rendered prompt's ids."""
+        or string contents; returns the rendered prompt's ids, one `<image>` id per image or video, and their kinds
+        ("image", "video") in the prompt's order."""
         if self.pattern is None or not any(self.pattern.search(text) for text in texts):
-            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            prompt, kinds = self._one_id_per_item(
+                self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            )
             if self.lock is not None:
                 with self.lock:
-                    return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            return self._encode(self.ordinary, prompt)
+                    return self.tokenizer(prompt, add_special_tokens=False)["input_ids"], kinds
+            return self._encode(self.ordinary, prompt), kinds
         if self.lock is not None:
             raise RequestError(
                 400, "the text holds a special token's text, which this model's tokenizer cannot keep as plain text"
             )
         return self.encode_keeping_text_plain(messages, texts)
 
-    def encode_keeping_text_plain(self, messages: list[dict], texts: list[str]) -> list[int]:
+    def _one_id_per_item(self, rendered: str) -> tuple[str, list[str]]:
+        """The rendered prompt with each video placeholder written as the image placeholder, and the kinds in order
+        (client text holds neither: `saisa.serving.protocol.to_messages` refuses it)."""
+        kinds = [
+            "video" if match.group() == self.video_token else "image" for match in self.placeholders.finditer(rendered)
+        ]
+        return rendered.replace(self.video_token, self.image_token), kinds
+
+    def encode_keeping_text_plain(self, messages: list[dict], texts: list[str]) -> tuple[list[int], list[str]]:
         """The prompt cut at the template's own special tokens, the rest encoded with special-token matching off."""
         nonce = secrets.token_hex(8)
         sentinels = [f"\ue000{nonce}{i}\ue001" for i in range(len(texts))]
         swapped = _replace_texts(messages, iter(sentinels))
-        rendered = self.processor.apply_chat_template(swapped, add_generation_prompt=True)
+        rendered, kinds = self._one_id_per_item(self.processor.apply_chat_template(swapped, add_generation_prompt=True))
         pieces = re.split("(\ue000" + nonce + r"\d+\ue001)", rendered)
         if sorted(pieces[1::2]) != sorted(sentinels):  # the template dropped, repeated or altered a text
             raise RequestError(
@@ -137,7 +153,7 @@ class PromptTokenizer:
             text += piece[position:]
         if text:
             ids += self._encode(self.plain, text)
-        return ids
+        return ids, kinds
 
 
 def _replace_texts(messages: list[dict], replacements) -> list[dict]:

@@ -67,10 +67,11 @@ def enable_fsdp_on_cpu(trainer) -> None:
     plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
     if plugin.fsdp_version != 2:
         raise ValueError("FSDP on CPU processes needs FSDP2: set training.fsdp_config.version=2")
-    # Both shared states, as AcceleratorState itself does: every AcceleratorState() re-reads PartialState's type.
+    # Private accelerate state, no public setter: both shared states, as AcceleratorState itself does (every
+    # AcceleratorState() re-reads PartialState's type).
     state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     state.fsdp_plugin = plugin
-    trainer.is_fsdp_enabled = True
+    trainer.is_fsdp_enabled = True  # the Trainer's own switch for its FSDP paths (save, load, optimizer creation)
 
 
 def describe_engine(trainer) -> str:

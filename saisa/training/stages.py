@@ -11,11 +11,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from saisa.modeling import SaisaForConditionalGeneration
+from saisa.components.backbones import decoder_family
+from saisa.model import SaisaForConditionalGeneration
 
 STAGES = ("align", "instruct")
-# LoRA targets inside the LLM only: the projectors are trained in full, the vision tower stays frozen.
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def lora_targets(model: SaisaForConditionalGeneration) -> str:
+    """LoRA targets inside the LLM only (the projectors are trained in full, the vision tower stays frozen): the
+    linears its backbone family names."""
+    names = "|".join(decoder_family(model.config.text_config).lora_targets)
+    return rf".*language_model.*\.({names})"
 
 
 @dataclass
@@ -26,12 +32,12 @@ class LoraSettings:
 
 
 def projector_module_names(model: SaisaForConditionalGeneration) -> list[str]:
-    return [name for name in ("layer_projectors", "projector") if hasattr(model, name)]
+    return ["layer_projectors" if model.config.per_layer_projectors else "projector"]
 
 
 def expand_shared_projector(model: SaisaForConditionalGeneration) -> bool:
     """Shared projector -> one copy per layer. Returns whether anything changed."""
-    if model.config.architecture != "saisa" or not model.config.shared_projector:
+    if not (model.config.arch.per_layer_projectors and model.config.shared_projector):
         return False
     layers = model.config.text_config.num_hidden_layers
     holder = model.model  # SaisaModel holds the projectors
@@ -60,7 +66,7 @@ def configure_stage(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=LORA_TARGETS,
+            target_modules=lora_targets(model),
             modules_to_save=["linear_1", "linear_2"],
         )
         return get_peft_model(model, config)

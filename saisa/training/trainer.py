@@ -56,6 +56,7 @@ class SaisaTrainer(Trainer):
         self.step_loss_finite: torch.Tensor | None = None
         super().__init__(*args, **kwargs)
 
+    # Private Trainer hook: the only place the Trainer lets a subclass choose the training sampler.
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy == "group_by_length" and self.lengths is not None:
             # Our dataset knows cheap length estimates; the default would read every image to measure them.
@@ -66,6 +67,7 @@ class SaisaTrainer(Trainer):
             return self.length_sampler
         return super()._get_train_sampler(train_dataset)
 
+    # Private Trainer hook: the one call per epoch, where the epoch number is known before any batch is drawn.
     def _run_epoch(self, *args, epoch: int, **kwargs):
         if self.state.global_step >= self.state.max_steps:
             # Resumed at max_steps mid-epoch: transformers would run that epoch's next step before checking the limit.
@@ -84,6 +86,8 @@ class SaisaTrainer(Trainer):
         self.step_loss_finite = finite if self.step_loss_finite is None else self.step_loss_finite & finite
         return loss
 
+    # Private Trainer hooks (this one and the two below): resuming loads each training state here, and a weights-only
+    # resume must skip them while still loading the weights and the step.
     def _load_optimizer_and_scheduler(self, checkpoint):
         if not self.fresh_training_state or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
@@ -102,11 +106,12 @@ class SaisaTrainer(Trainer):
         if not self.fresh_training_state:
             super()._load_scaler(checkpoint)
 
+    # Private Trainer hook: every periodic save goes through it, so the manifest and marker follow each one.
     def _save_checkpoint(self, model, trial) -> None:
         """A checkpoint counts only once its manifest (size and SHA-256 of every file) and then its marker are written,
         and older checkpoints are rotated only after that: a crash or a full disk at any point of a save leaves the
         previous complete checkpoint to resume from."""
-        run_dir = Path(self._get_output_dir(trial=trial))
+        run_dir = Path(self._get_output_dir(trial=trial))  # private: where the Trainer itself puts checkpoint-N
         folder = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save and folder.exists():
             # A resume that fell back past a broken checkpoint saves into its folder again: start it empty, unmarked.

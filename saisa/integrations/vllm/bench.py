@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import platform
@@ -20,6 +21,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def build_checkpoints(args, root: Path) -> dict[str, Path]:
@@ -29,7 +32,7 @@ def build_checkpoints(args, root: Path) -> dict[str, Path]:
     from transformers import PreTrainedTokenizerFast
 
     from saisa import SaisaConfig, SaisaForConditionalGeneration
-    from saisa.commands.bench import bench_configs
+    from saisa.bench.compare import bench_configs
     from saisa.processing import SaisaProcessor
 
     _, vision, text = bench_configs(args, max_positions=4096)
@@ -89,6 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each engine")
     parser.add_argument("--out", default="docs/bench/vllm_prefill.json")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in each engine process at start
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -136,7 +140,7 @@ def main(argv=None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("median_ms", "saisa_over_llava", "prompt_tokens")}))
+    logger.info(json.dumps({k: result[k] for k in ("median_ms", "saisa_over_llava", "prompt_tokens")}))
     return 0
 
 

@@ -1,11 +1,13 @@
 """`SaisaForVLLM`: our checkpoints (SAISA and the LLaVA-1.5 baseline) as a vLLM model, over vLLM's own Llama / Qwen2 /
-Qwen3 / Mistral layers, our vision encoders (`saisa.vision`) and projectors (`saisa.modeling.projector`).
+Qwen3 / Mistral layers, our vision encoders (`saisa.components.encoders`) and projectors
+(`saisa.components.connectors`).
 
 SAISA.md §3 in vLLM's terms. vLLM's attention needs a query row for every scheduled token and writes K/V through a
-per-token slot mapping, so the v visual tokens of an image are scheduled tokens (`processing.py` expands each
-`<image>`). At every layer l, before its input norm, their rows hold P_l(v_feats) with a zero residual, so the layer's
-own norm and k/v projections (and k_norm, RoPE at their positions) give SAISA's visual K/V, which vLLM caches as any
-other. Plain causal attention then is SAISA's mask: text before an image cannot see it, text after sees all of it.
+per-token slot mapping, so the v visual tokens of each view (an image, a tile, a video frame) are scheduled tokens
+(`processing.py` expands each `<image>` and `<video>`). At every layer l their rows enter attention as
+n_l = input_layernorm_l(P_l(v_feats)) (`saisa.model.visual_kv.normed_layer_input`, as in the transformers model), so
+the layer's own k/v projections (and k_norm, RoPE at their positions) give SAISA's visual K/V, which vLLM caches as
+any other. Plain causal attention then is SAISA's mask: text before an image cannot see it, text after sees all of it.
 Their queries are computed and dropped; `o_proj`, the FFN and the residual stream run on the text rows only.
 
 LLaVA-1.5 (`architecture: llava`) is vLLM's usual path: projected features replace the placeholders' embeddings.
@@ -29,15 +31,16 @@ from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_regist
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.sequence import IntermediateTensors
 
-from saisa.configuration_saisa import SaisaConfig
 from saisa.integrations.vllm.processing import (
     SaisaDummyInputsBuilder,
     SaisaMultiModalProcessor,
     SaisaProcessingInfo,
     vision_encoder,
 )
-from saisa.modeling.projector import MLPProjector
+from saisa.model.configuration import SaisaConfig
+from saisa.model.visual_kv import add_projectors, normed_layer_input, project
 from saisa.processing import IMAGE_TOKEN
+from saisa.processing.templates import VIDEO_TOKEN
 
 
 @MULTIMODAL_REGISTRY.register_processor(
@@ -48,29 +51,25 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
         if modality.startswith("image"):
             return IMAGE_TOKEN
-        raise ValueError(f"saisa models take images only, not {modality}")
+        if modality.startswith("video"):
+            return VIDEO_TOKEN
+        raise ValueError(f"saisa models take images and videos only, not {modality}")
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config: SaisaConfig = vllm_config.model_config.hf_config
         self.config = config
-        self.saisa = config.architecture == "saisa"
-        self.naavit = config.architecture == "naavit"
+        self.arch = config.arch
         _refuse_full_cuda_graphs_for_image_steps(vllm_config)
-        if self.naavit:
+        _refuse_visual_pruning(config)
+        if self.arch.no_visual_to_visual:
             _require_whole_prompt_prefills(vllm_config)
         text = config.text_config
         self.configure_mm_token_handling(vocab_size=text.vocab_size, mm_token_ids=[config.image_token_id])
 
-        with self._mark_tower_model(vllm_config, "image"):
+        with self._mark_tower_model(vllm_config, {"image", "video"}):
             self.vision_tower = vision_encoder(config)
-            width = (self.vision_tower.hidden_size, text.hidden_size)  # d_vis -> h
-            act, bias = config.projector_hidden_act, config.projector_bias
-            if self.saisa and not config.shared_projector:
-                layers = range(text.num_hidden_layers)
-                self.layer_projectors = nn.ModuleList(MLPProjector(*width, act=act, bias=bias) for _ in layers)
-            else:
-                self.projector = MLPProjector(*width, act=act, bias=bias)
+            add_projectors(self, config, self.vision_tower.hidden_size)
         with self._mark_language_model(vllm_config):
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config, hf_config=text, prefix=maybe_prefix(prefix, "language_model")
@@ -88,23 +87,24 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         self._naavit_prompts: list[tuple[int, int, torch.Tensor, torch.Tensor]] | None = None
         for layer in self.language_model.model.layers:
             layer.self_attn.o_proj.register_forward_pre_hook(self._o_proj_on_text_rows)
-            if self.naavit:
+            if self.arch.no_visual_to_visual:
                 layer.self_attn.attn.register_forward_hook(self._visual_queries_see_text_only)
 
-    # -- images ----------------------------------------------------------------------------------------------------
-    def project(self, features: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """(..., d_vis) -> (..., h): into layer `layer`'s input space (SAISA) or the embedding space (LLaVA)."""
-        if layer is not None and hasattr(self, "layer_projectors"):
-            return self.layer_projectors[layer](features)
-        return self.projector(features)
-
+    # -- images and videos -----------------------------------------------------------------------------------------
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
-        """One (v, d_vis) patch-feature matrix per image (SAISA), or (v, h) projected embeddings (LLaVA)."""
-        pixel_values = kwargs.get("pixel_values")  # (N, 3, S, S): every image is preprocessed to S x S
-        if pixel_values is None:
+        """Per image or video (vLLM passes one modality at a time) its views' patch features one after another,
+        (views * v, d_vis) (SAISA), or their projected embeddings, (views * v, h) (LLaVA)."""
+        if kwargs.get("pixel_values") is not None:
+            pixel_values, counts = kwargs["pixel_values"], kwargs["image_num_views"]
+        elif kwargs.get("pixel_values_videos") is not None:
+            pixel_values, counts = kwargs["pixel_values_videos"], kwargs["video_num_frames"]
+        else:
             return []
+        # (N, 3, S, S): every view of every item, each preprocessed to S x S
         features = self.vision_tower(pixel_values)  # (N, v, d_vis)
-        return list(features if self.saisa else self.project(features))
+        if not self.arch.visual_keys_values_only:
+            features = project(self, features)  # (N, v, h)
+        return [item.flatten(0, 1) for item in features.split(torch.as_tensor(counts).tolist())]
 
     def embed_input_ids(
         self,
@@ -113,8 +113,8 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         *,
         is_multimodal: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if not self.saisa:
-            if self.naavit and multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
+        if not self.arch.visual_keys_values_only:
+            if self.arch.no_visual_to_visual and multimodal_embeddings is not None and len(multimodal_embeddings) > 0:
                 self._naavit_rows = is_multimodal
             return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
         embeds = self._embed_text_input_ids(
@@ -136,7 +136,7 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
         **kwargs: object,
     ) -> torch.Tensor | IntermediateTensors:
         decoder = self.language_model.model
-        if self.naavit:
+        if self.arch.no_visual_to_visual:
             return self._naavit_forward(decoder, input_ids, positions, intermediate_tensors, inputs_embeds)
         scheduled, self._scheduled_visual = self._scheduled_visual, None
         if scheduled is None:  # no image rows in this step (every decode step too): the plain LLM
@@ -155,7 +155,7 @@ class SaisaForVLLM(nn.Module, SupportsMultiModal):
                 else:
                     normed_text, residual = layer.input_layernorm(hidden, residual)
                 normed[text_rows] = normed_text
-                normed[visual_rows] = layer.input_layernorm(self.project(features, index))  # n_l of SAISA.md §3
+                normed[visual_rows] = normed_layer_input(layer, self, features, index)  # (Tv, h)
                 hidden = layer.self_attn(positions=positions, hidden_states=normed)  # (Tt, h): o_proj on text rows
                 hidden, residual = layer.post_attention_layernorm(hidden, residual)
                 hidden = layer.mlp(hidden)
@@ -238,6 +238,18 @@ def _refuse_full_cuda_graphs_for_image_steps(vllm_config: VllmConfig) -> None:
         raise ValueError(
             f"saisa models cannot run prefill steps in full CUDA graphs (cudagraph_mode {mode}): use the default "
             "FULL_AND_PIECEWISE, or PIECEWISE / FULL_DECODE_ONLY"
+        )
+
+
+def _refuse_visual_pruning(config: SaisaConfig) -> None:
+    """A checkpoint saved with `visual_pruning` would be served unpruned here, a silently different model: vLLM fixes
+    each image's cache slots before the forward and its attention kernels take no per-layer key mask, so a selection
+    that depends on the text's attention cannot be applied (docs/views.md)."""
+    if config.visual_pruning is not None:
+        raise ValueError(
+            f"this checkpoint's config sets visual_pruning {config.visual_pruning}, which the vLLM plugin cannot "
+            "apply; serve it unpruned with --hf-overrides '{\"visual_pruning\": null}' (LLM(..., hf_overrides="
+            '{"visual_pruning": None})), or pruned with `saisa serve`'
         )
 
 

@@ -1,0 +1,1 @@
+"""Measurements: analytic FLOPs and KV bytes (`flops`), and timed benchmarks with device synchronisation."""

@@ -1,0 +1,5 @@
+import sys
+
+from saisa_cli import main
+
+sys.exit(main())
