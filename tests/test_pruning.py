@@ -179,6 +179,57 @@ def test_cache_holds_the_kept_entries_only(arch, method):
     assert pruned.layout.positions.shape[1] == pruned.layers[0].keys.shape[-2]
 
 
+def test_per_layer_prefill_attends_to_each_layers_top_keys():
+    """per_layer against an independent reference: the unpruned model in which every layer first runs as it is (eager)
+    to read its own attention weights, ranks each image's visual keys by their mean over heads and over the text
+    queries that see the image, then runs again with the others hidden by the mask (not removed from the keys)."""
+    ids, mask = _batch([ROW_A, ROW_B])
+    pixels = _pixels([ROW_A, ROW_B])
+    model = _model("saisa", "eager")
+    v, ratio = model.tokens_per_image, 0.25
+    k = VisualPruning(ratio, "per_layer").kept(v)
+    blocked = torch.finfo(torch.float32).min
+    placeholders = [(ids[b] == IMG).nonzero().flatten().tolist() for b in range(ids.shape[0])]
+    text = mask.bool() & (ids != IMG)  # (B, T) real text
+
+    def hide_all_but_the_top_keys(module, args, kwargs):
+        if getattr(module, "_reference_running", False):
+            return None
+        module._reference_running = True
+        try:
+            weights = module(*args, **kwargs)[1]  # (B, heads, T, Vb + T)
+        finally:
+            module._reference_running = False
+        hidden = torch.zeros(weights.shape[0], weights.shape[-1], dtype=torch.bool)  # (B, Vb + T)
+        hidden[:, : weights.shape[-1] - ids.shape[1]] = True
+        for b, columns in enumerate(placeholders):
+            for i, column in enumerate(columns):
+                queries = (text[b] & (torch.arange(ids.shape[1]) > column)).nonzero().flatten()
+                score = weights[b][:, queries, i * v : (i + 1) * v].mean(0).mean(0)  # (v,)
+                hidden[b, i * v + score.topk(k).indices] = False
+        kwargs["attention_mask"] = kwargs["attention_mask"].masked_fill(hidden[:, None, None, :], blocked)
+        return args, kwargs
+
+    handles = [
+        layer.self_attn.register_forward_pre_hook(hide_all_but_the_top_keys, with_kwargs=True)
+        for layer in model.model.language_model.layers
+    ]
+    try:
+        # no KV cache: the layer's first run would add its text K/V to it
+        reference = model(ids, pixel_values=pixels, attention_mask=mask, use_cache=False).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    unpruned = model(ids, pixel_values=pixels, attention_mask=mask).logits
+    model.config.visual_pruning = {"keep_ratio": ratio, "method": "per_layer"}
+    pruned = model(ids, pixel_values=pixels, attention_mask=mask).logits
+    without_cache = model(ids, pixel_values=pixels, attention_mask=mask, use_cache=False).logits
+    real = mask.bool()
+    torch.testing.assert_close(pruned[real], reference[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(without_cache[real], reference[real], atol=1e-5, rtol=1e-4)
+    assert (pruned[real] - unpruned[real]).abs().max() > 1e-3  # the pruning changes what the text reads
+
+
 @pytest.mark.parametrize("method", ["fastv", "per_layer"])
 def test_pruning_after_image_kv_cache_lookup(method):
     """The image KV cache keeps every image's full K/V; pruning selects after the lookup: same result as without."""

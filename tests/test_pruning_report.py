@@ -30,13 +30,15 @@ def test_the_goal_verdict_reads_the_points(tmp_path):
         "wall_time_s": 60,
         "machine": MACHINE,
         "points": [_point("saisa", 1.0, 0.80), _point("saisa", 0.25, 0.795), _point("llava", 1.0, 0.7)]
-        + [_point("saisa", 1.0, 0.80, "tiles"), _point("saisa", 0.25, 0.70, "tiles")],
+        + [_point("saisa", 1.0, 0.80, "tiles"), _point("saisa", 0.25, 0.70, "tiles")]
+        + [{**_point("saisa", 0.25, 0.80), "method": "per_layer"}],
     }
     text = pruning_accuracy.markdown(result)
     assert "(v=49), fastv: SAISA 79.5% at r=0.25 against 80.0% at r=1 (-0.5 points): within the 1-point goal" in text
     assert (
         "tiles, fastv: SAISA 70.0% at r=0.25 against 80.0% at r=1 (-10.0 points): not within the 1-point goal" in text
     )
+    assert "(v=49), per_layer: SAISA 80.0% at r=0.25 against 80.0% at r=1 (+0.0 points): within the 1-point" in text
     pruning_accuracy.plot(result, tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 0
 

@@ -11,7 +11,8 @@ queries then see only themselves.
 Visual pruning (`saisa.model.pruning.VisualPruning`, keep k = kept(v) per image): "fastv" runs layers 0..K in full and
 every later layer on the kept tokens (LLaVA / NAAViT: FastV proper, the kept visual tokens' rows and attention columns;
 SAISA: the kept tokens' projector, K/V projections and attention columns); the score's own cost is not counted.
-"per_layer" (SAISA) prefills in full. Either way the KV cache holds k entries per image in every layer.
+"per_layer" (SAISA) makes every visual K/V in every layer to score them: counted as the unpruned prefill. Either way
+the KV cache holds k entries per image in every layer.
 """
 
 from __future__ import annotations

@@ -381,8 +381,6 @@ class SaisaModel(SaisaPreTrainedModel):
         images = pixel_values if seq.num_images else self._phantom_image()
         # Visual pruning (`saisa.model.pruning`): an inference call that prefills images; never in training or a loss.
         pruning = cfg.pruning if seq.num_images and not self.training and not labels_given else None
-        if pruning is not None and pruning.method == "per_layer" and cache is None:
-            pruning = None  # it prunes the KV cache only
         entries_before = cache.entries() if cache is not None else None
         run = dict(
             cache=cache,

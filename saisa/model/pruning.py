@@ -11,13 +11,14 @@ softmax attention probability (over every key the query sees, as the layer itsel
   makes only their K/V at those layers (its projector, K/V projections and attention columns shrink); LLaVA and NAAViT,
   whose visual tokens are rows of the hidden sequence, hide the pruned visual keys from every query after layer K.
 - "per_layer" (SAISA only: its visual K/V are made afresh in every layer, while LLaVA's visual tokens flow from layer
-  to layer): every layer keeps its own top entries by its own score. The prefill runs in full, so this saves KV-cache
-  memory and decode FLOPs, not prefill FLOPs.
+  to layer): every layer keeps its own top entries by its own score, and its text attends to those only, in the
+  prefill as in decoding. The score needs every visual key, so every layer still makes all of them: this saves
+  KV-cache memory and decode FLOPs, not prefill FLOPs.
 
-After the prefill every layer's KV cache holds exactly kept(v) entries per image (the layers that ran in full are
-compacted with their selection), so the one `KeyLayout` describes every layer: an image's visual entries become k
-entries at positions inside its span, which is all the mask needs of them (the keys were rotated at their own positions
-before they were cached). Decode steps attend to the kept entries only.
+After the prefill every layer's KV cache holds exactly kept(v) entries per image (the layers that ran in full, up to
+fastv's score layer, are compacted with its selection), so the one `KeyLayout` describes every layer: an image's
+visual entries become k entries at positions inside its span, which is all the mask needs of them (the keys were
+rotated at their own positions before they were cached). Decode steps attend to the kept entries only.
 """
 
 from __future__ import annotations
@@ -159,8 +160,9 @@ class PruningPass:
 
     def before_attention(self, module: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Called by attention module `module` before it runs (kwargs: its keyword arguments, changed in place):
-        scores and selects where this layer does, puts the pruned mask in place after the score layer. Returns the
-        layer's visual keys (rotated) and values for SAISA, (B, kv_heads, visual slots, head_dim) each, else None."""
+        scores and selects where this layer does, puts the pruned mask in place where the layer attends to the kept
+        entries only. Returns the layer's visual keys (rotated) and values for SAISA, (B, kv_heads, visual slots,
+        head_dim) each, else None."""
         layer = module.layer_idx
         if self._fastv and layer > self.pruning.score_layer:
             kwargs["attention_mask"] = self._mask_after
@@ -169,11 +171,15 @@ class PruningPass:
         if self._fastv and layer < self.pruning.score_layer:
             return visual
         offsets = self._select(module, kwargs, visual)  # (N, k)
-        self.slots[layer] = self.seq.kept_slots(offsets)  # (B, Vk)
+        slots = self.slots[layer] = self.seq.kept_slots(offsets)  # (B, Vk)
         if self._fastv:
-            self._pruned = (self.seq.pruned(self.slots[layer], self.k), offsets)
-            self._mask_after = self._pruned_mask(kwargs["attention_mask"], self.slots[layer])
-        return visual
+            self._pruned = (self.seq.pruned(slots, self.k), offsets)
+            self._mask_after = self._pruned_mask(kwargs["attention_mask"], slots)
+            return visual
+        # per_layer: this layer's text attends to its own kept entries, the ones `compact` would keep in the cache
+        kwargs["attention_mask"] = self._pruned_mask(kwargs["attention_mask"], slots)
+        index = slots[:, None, :, None].expand(-1, visual[0].shape[1], -1, visual[0].shape[-1])
+        return visual[0].gather(2, index), visual[1].gather(2, index)  # (B, kv_heads, Vk, head_dim) each
 
     def _select(self, module: nn.Module, kwargs: dict, visual: tuple[torch.Tensor, torch.Tensor] | None):
         """(N, k) each image's kept visual tokens by this layer's FastV score, ascending."""
@@ -226,10 +232,12 @@ class PruningPass:
 
     def compact(self, cache) -> KeyLayout:
         """Keep each layer's kept visual entries in `cache` (a `SaisaCache`, or None) and return the layout it then
-        holds. Layers that ran on the kept entries only (SAISA after the fastv score layer) already hold them."""
+        holds. Layers that ran on the kept entries only (SAISA after the fastv score layer, and every per_layer layer)
+        already hold them."""
         score_layer = self.pruning.score_layer
         for layer, entries in enumerate(cache.layers if cache is not None else []):
-            if not entries.is_initialized or (self._fastv and self.prefix is not None and layer > score_layer):
+            ran_pruned = self.prefix is not None and (not self._fastv or layer > score_layer)
+            if not entries.is_initialized or ran_pruned:
                 continue
             columns = self._columns(self.slots[score_layer if self._fastv else layer])  # (B, P + Vk + T)
             index = columns[:, None, :, None].expand(-1, entries.keys.shape[1], -1, entries.keys.shape[-1])
