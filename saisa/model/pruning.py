@@ -150,7 +150,7 @@ class PruningPass:
         NAAViT, whose visual tokens are in the hidden sequence)."""
         self.pruning, self.family, self.seq, self.prior, self.prefix = pruning, family, seq, prior, prefix
         self.k = pruning.kept(seq.tokens_per_image)
-        self.slots: dict[int, torch.Tensor] = {}  # layer -> (B, Vk) the visual block's kept slots
+        self._score_slots: torch.Tensor | None = None  # fastv: (B, Vk) the visual block's slots kept at the score layer
         self._pruned: tuple[SequenceLayout, torch.Tensor] | None = None  # fastv: kept layout, (N, k) offsets
         self._mask_after: torch.Tensor | None = None  # fastv: the mask of every layer after the score layer
 
@@ -171,8 +171,9 @@ class PruningPass:
         if self._fastv and layer < self.pruning.score_layer:
             return visual
         offsets = self._select(module, kwargs, visual)  # (N, k)
-        slots = self.slots[layer] = self.seq.kept_slots(offsets)  # (B, Vk)
+        slots = self.seq.kept_slots(offsets)  # (B, Vk)
         if self._fastv:
+            self._score_slots = slots
             self._pruned = (self.seq.pruned(slots, self.k), offsets)
             self._mask_after = self._pruned_mask(kwargs["attention_mask"], slots)
             return visual
@@ -232,14 +233,13 @@ class PruningPass:
 
     def compact(self, cache) -> KeyLayout:
         """Keep each layer's kept visual entries in `cache` (a `SaisaCache`, or None) and return the layout it then
-        holds. Layers that ran on the kept entries only (SAISA after the fastv score layer, and every per_layer layer)
-        already hold them."""
+        holds. Only fastv's layers that ran in full need compacting: SAISA's later layers, and every per_layer layer
+        (SAISA only), ran on their kept entries and already hold them."""
         score_layer = self.pruning.score_layer
-        for layer, entries in enumerate(cache.layers if cache is not None else []):
-            ran_pruned = self.prefix is not None and (not self._fastv or layer > score_layer)
-            if not entries.is_initialized or ran_pruned:
+        for layer, entries in enumerate(cache.layers if cache is not None and self._fastv else []):
+            if not entries.is_initialized or (self.prefix is not None and layer > score_layer):
                 continue
-            columns = self._columns(self.slots[score_layer if self._fastv else layer])  # (B, P + Vk + T)
+            columns = self._columns(self._score_slots)  # (B, P + Vk + T)
             index = columns[:, None, :, None].expand(-1, entries.keys.shape[1], -1, entries.keys.shape[-1])
             entries.keys, entries.values = entries.keys.gather(2, index), entries.values.gather(2, index)
         if self._fastv:
